@@ -1,0 +1,17 @@
+"""Ask a model: `python infer.py image=photo.jpg prompt="..."` (see conf/infer.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+import svlm  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+
+
+@hydra.main(config_path="conf", config_name="infer", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from svlm.cli import run_infer
+
+    run_infer(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Model folders: weights (safetensors), model config, tokenizer, and a small
+`svlm.json` saying what produced them. Written atomically (a temporary folder
+renamed into place), so a folder that exists is complete.
+
+    <folder>/model.safetensors   weights
+    <folder>/config.json         the VLMConfig
+    <folder>/vision_config.json  the DINOv2 config (so loading needs no DINOv2 download)
+    <folder>/svlm.json           stage, model name and key, step, finished_at, metrics
+    <folder>/tokenizer.json ...  the tokenizer, with its chat template
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_model as save_safetensors
+from transformers import Dinov2Config
+
+from svlm.models.vlm import VLM, VLMConfig
+from svlm.tokenizer import load_tokenizer
+
+META = "svlm.json"
+
+
+def model_key(model_cfg: dict) -> str:
+    """A short hash of a model config: stage 2 only starts from a stage 1 of the same model."""
+    return hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def save_model(folder: str | os.PathLike, model: VLM, tokenizer, meta: dict) -> Path:
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_safetensors(model, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
+    model.vision.dinov2.config.to_json_file(tmp / "vision_config.json")
+    tokenizer.save_pretrained(tmp)
+    (tmp / META).write_text(json.dumps({**meta, "finished_at": time.time()}, indent=2))
+    if folder.exists():  # replace: move the old one aside first, so one of them always exists
+        old = folder.with_name(f".{folder.name}.old{os.getpid()}")
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(folder)
+    return folder
+
+
+MODEL_FILES = ("model.safetensors", "config.json", "vision_config.json", META)
+
+
+def is_model_folder(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in MODEL_FILES)
+
+
+def find_models(root: str | os.PathLike) -> list[tuple[float, Path, dict]]:
+    """Every finished model folder under root, newest first."""
+    found = []
+    for meta_path in Path(root).glob(f"**/{META}"):
+        folder = meta_path.parent
+        if folder.name.startswith(".") or not is_model_folder(folder):
+            continue
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        found.append((meta.get("finished_at", 0.0), folder, meta))
+    return sorted(found, key=lambda t: t[0], reverse=True)
+
+
+def resolve_model(
+    path: str | os.PathLike | None,
+    outputs: str | os.PathLike,
+    key: str = "ckpt",
+    stage: str | None = None,
+    model: str | None = None,
+) -> Path:
+    """A model folder from a model folder, a run folder (its newest model), or
+    None (the newest finished model under `outputs`, optionally of one stage
+    and model key)."""
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"{key}={str(path)!r}: no such file or folder")
+        if p.is_dir() and is_model_folder(p):
+            return p
+        if p.is_dir():
+            models = find_models(p)
+            if models:
+                return models[0][1]
+        raise FileNotFoundError(
+            f"{key}={str(path)!r} is not a model folder ({', '.join(MODEL_FILES)}) and holds no finished model"
+        )
+    models = [
+        (t, f, m)
+        for t, f, m in find_models(outputs)
+        if (stage is None or m.get("stage") == stage) and (model is None or m.get("model_key") == model)
+    ]
+    if not models:
+        what = f"finished {stage} model" if stage else "finished model"
+        if model:
+            what += f" of this model config (key {model})"
+        raise FileNotFoundError(f"no {what} under {str(outputs)!r}: train one first, or set {key}=<folder>")
+    return models[0][1]
+
+
+def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[VLM, object, dict]:
+    """-> (model in eval mode, tokenizer, meta)."""
+    folder = Path(folder)
+    if not is_model_folder(folder):
+        raise FileNotFoundError(f"{folder}: not a model folder (needs {', '.join(MODEL_FILES)})")
+    cfg = VLMConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    model = VLM(cfg, dinov2_config=Dinov2Config.from_json_file(folder / "vision_config.json"))
+    missing, unexpected = load_safetensors(model, str(folder / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{folder}/model.safetensors does not match its config.json: "
+            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    tokenizer = load_tokenizer(folder)
+    meta = json.loads((folder / META).read_text())
+    return model.to(device).eval(), tokenizer, meta

@@ -1,0 +1,38 @@
+"""What the entry scripts call: typed config in, one call into svlm, clear
+one-line errors out (no traceback for a wrong setting or a missing file)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from omegaconf import DictConfig
+
+from svlm.config import ConfigError, load_eval_config, load_infer_config, load_train_config
+from svlm.data.formats import DataError
+
+
+def _guard(fn: Callable[[], object]) -> None:
+    try:
+        fn()
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_train(cfg: DictConfig) -> None:
+    from svlm.training.loop import train
+
+    _guard(lambda: train(load_train_config(cfg)))
+
+
+def run_eval(cfg: DictConfig) -> None:
+    from svlm.evaluation import evaluate
+
+    _guard(lambda: evaluate(load_eval_config(cfg)))
+
+
+def run_infer(cfg: DictConfig) -> None:
+    from svlm.inference import ask
+
+    _guard(lambda: ask(load_infer_config(cfg)))

@@ -1,0 +1,319 @@
+"""Typed configuration: dataclass schemas and a strict conversion from the
+composed Hydra/OmegaConf config.
+
+Hydra composes YAML; `load_train_config` (and friends) turn the result into
+these dataclasses, failing at start with a message naming the key when a key
+is unknown, a value has the wrong type, or two settings contradict each other.
+Model code receives only the small dataclasses it needs, never a DictConfig.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from svlm.models.language_model import LMConfig
+from svlm.models.projector import ProjectorConfig
+from svlm.models.vision import VisionConfig
+from svlm.tokenizer import TokenizerConfig
+
+
+class ConfigError(ValueError):
+    """A wrong configuration value; the message names the key."""
+
+
+# ---------------------------------------------------------------------- schemas
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lm: LMConfig = field(default_factory=LMConfig)  # lm.vocab_size is taken from the tokenizer
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes"
+    kind: Literal["shapes", "files"] = "shapes"  # shapes: generated here; files: your jsonl/json
+    root: str | None = None  # folder of the data files; shapes: null = generated under paths.cache
+    image_dir: str = "images"  # images resolve against root/image_dir
+    # File names under root; "{task}" becomes the stage's task (pretrain or sft).
+    train_file: str = "{task}_train.jsonl"
+    val_file: str | None = "{task}_val.jsonl"
+    test_file: str | None = "sft_test.jsonl"
+    max_len: int = 512  # tokens, image placeholders included
+    on_error: Literal["skip", "raise"] = "skip"
+    # shapes only: what to generate
+    max_shapes: int = 1
+    n_train: int = 6000
+    n_val: int = 300
+    n_test: int = 600
+    image_size: int = 64
+    languages: list[str] = field(default_factory=lambda: ["en", "zh"])
+    seed: int = 0
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage1"
+    task: str = "pretrain"  # fills "{task}" in data file names
+    # what trains
+    train_vision: bool = False
+    train_projector: bool = True
+    unfreeze_lm_top_layers: int = 0  # top N blocks of the LM train; -1: all
+    train_text_embed: bool = False  # token embeddings (and the tied lm head)
+    # optimisation
+    lr: float = 1e-3
+    lr_vision: float | None = None  # None: same as lr
+    lr_projector: float | None = None  # None: same as lr
+    weight_decay: float = 0.0  # never applied to norms, biases and embeddings
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup: float = 0.03  # fraction of the optimizer steps
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    batch_size: int = 32  # samples per optimizer step (all processes, all accumulation)
+    epochs: int = 1
+    steps_per_epoch: int = -1  # optimizer steps an epoch; -1: one pass over the data
+    max_steps: int | None = None  # stop after this many optimizer steps in all
+    eval_every: int = 100  # optimizer steps between validations (0: only at the end)
+    val_batches: int = 20  # at most this many batches per validation
+    log_every: int = 10
+    save_every: int = 0  # optimizer steps between checkpoints (0: only the final model)
+
+    def __post_init__(self) -> None:
+        if self.name not in ("stage1", "stage2"):
+            raise ConfigError(f"stage.name must be stage1 or stage2, got {self.name!r}")
+        positive = {"lr": self.lr, "batch_size": self.batch_size, "epochs": self.epochs}
+        for key, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"stage.{key} must be positive, got {value}")
+        if self.steps_per_epoch == 0 or self.steps_per_epoch < -1:
+            raise ConfigError(f"stage.steps_per_epoch must be positive or -1 (a full pass), got {self.steps_per_epoch}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ConfigError(f"stage.max_steps must be positive or null, got {self.max_steps}")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"stage.warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"stage.betas needs two values, got {self.betas}")
+        if not (self.train_vision or self.train_projector or self.unfreeze_lm_top_layers or self.train_text_embed):
+            raise ConfigError(
+                "stage trains nothing: set stage.train_vision, stage.train_projector, "
+                "stage.unfreeze_lm_top_layers or stage.train_text_embed"
+            )
+
+
+@dataclass
+class BothStagesConfig:
+    """stage=both: stage 1, then stage 2 from its result. lr, epochs,
+    steps_per_epoch and max_steps, when set here, apply to both stages."""
+
+    name: str = "both"
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(name="stage2", task="sft"))
+    lr: float | None = None
+    epochs: int | None = None
+    steps_per_epoch: int | None = None
+    max_steps: int | None = None
+
+    def stages(self) -> list[StageConfig]:
+        out = []
+        for s in (self.stage1, self.stage2):
+            changes = {k: getattr(self, k) for k in ("lr", "epochs", "steps_per_epoch", "max_steps")}
+            out.append(dataclasses.replace(s, **{k: v for k, v in changes.items() if v is not None}))
+        return out
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 (else fp16) on GPU
+    micro_batch_size: int | None = None  # samples a forward pass; None: the stage's batch size
+    grad_checkpointing: bool = False
+    num_workers: int = 0
+    threads: int | None = None  # torch CPU threads; None: torch's default
+
+
+@dataclass
+class LoggerConfig:
+    name: Literal["none", "wandb"] = "none"  # metrics.jsonl is always written; wandb on request
+    project: str = "svlm"
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online only if logged in
+
+
+@dataclass
+class PathsConfig:
+    outputs: str = "outputs"  # every run folder lives under here
+    cache: str = ".cache"  # generated data sets and tokenizers
+    run_dir: str = "outputs/run"  # this run's folder (Hydra's output dir)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig | BothStagesConfig = field(default_factory=BothStagesConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    init_from: str | None = None  # stage 2's start: a model or run folder; None: newest stage-1 result
+    seed: int = 0
+
+    def stages(self) -> list[StageConfig]:
+        return self.stage.stages() if isinstance(self.stage, BothStagesConfig) else [self.stage]
+
+
+@dataclass
+class EvalConfig:
+    ckpt: str | None = None  # a model or run folder; None: the newest finished model
+    data: DataConfig = field(default_factory=DataConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    batch_size: int = 64
+    max_new_tokens: int = 32
+    max_test: int | None = None  # score at most this many test questions
+    val_batches: int | None = None  # None: the whole validation split
+
+
+@dataclass
+class InferConfig:
+    ckpt: str | None = None
+    image: str | None = None
+    prompt: str = "What is in this picture?"
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    seed: int = 0
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+# ------------------------------------------------------------------- conversion
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def convert(tp: Any, value: Any, key: str) -> Any:
+    """Check `value` against the type hint `tp` and build dataclasses; raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{key}: a value is required, got null")
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            if dataclasses.is_dataclass(opt) and isinstance(value, dict):
+                # Pick the dataclass whose fields fit the keys (e.g. stage vs both stages).
+                names = {f.name for f in dataclasses.fields(opt)}
+                if not set(value) <= names:
+                    errors.append(opt)
+                    continue
+            try:
+                return convert(opt, value, key)
+            except ConfigError as e:
+                errors.append(e)
+        real = [e for e in errors if isinstance(e, ConfigError)]
+        if real:
+            raise real[0]
+        raise ConfigError(f"{key}: {value!r} fits none of {', '.join(_type_name(o) for o in options)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1]
+        return [convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if tp is Any:
+        return value
+    if value is None:
+        raise ConfigError(f"{key}: a value is required, got null")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def build(cls: type, values: dict, key: str = "") -> Any:
+    """A dataclass of type `cls` from a plain dict; unknown keys and wrong types fail with the key's name."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{key or 'config'}: expected a mapping of settings, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        where = f"{key}." if key else ""
+        raise ConfigError(
+            f"unknown config key {where}{unknown[0]} (known keys of {key or 'the config'}: {', '.join(sorted(fields))})"
+        )
+    kwargs = {name: convert(hints[name], values[name], f"{key}.{name}" if key else name) for name in values}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a __post_init__ check
+        msg = str(e)
+        raise ConfigError(msg if key.split(".")[0] in msg or not key else f"{key}: {msg}") from e
+
+
+def to_plain(cfg: Any) -> dict:
+    """A DictConfig (resolved) or a dict -> a plain dict, without Hydra's own node."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in cfg.items() if k != "hydra"}
+
+
+def load_train_config(cfg: Any) -> TrainConfig:
+    return build(TrainConfig, to_plain(cfg))
+
+
+def load_eval_config(cfg: Any) -> EvalConfig:
+    return build(EvalConfig, to_plain(cfg))
+
+
+def load_infer_config(cfg: Any) -> InferConfig:
+    return build(InferConfig, to_plain(cfg))

@@ -1,0 +1,120 @@
+"""A conversation data set: records -> token ids, labels and (lazily) images."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from svlm.data.chat import IGNORE, IMAGE_TOKEN, ChatEncoder
+from svlm.data.formats import BadSamples, DataError, Record, read_records
+from svlm.data.images import open_image
+from svlm.models.vision import ImageProcessor
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    image: Path | None
+    where: str
+    meta: dict
+
+
+class ChatDataset(Dataset):
+    def __init__(
+        self,
+        files: list[str | os.PathLike],
+        image_dir: str | os.PathLike,
+        encoder: ChatEncoder,
+        processor: ImageProcessor,
+        max_len: int,
+        on_error: str = "skip",
+        bad: BadSamples | None = None,
+    ) -> None:
+        self.encoder, self.processor, self.max_len = encoder, processor, max_len
+        self.image_dir = Path(image_dir)
+        self.on_error = on_error
+        self.bad = bad if bad is not None else BadSamples()
+        self.examples: list[Example] = []
+        for f in files:
+            for rec in read_records(f, on_error=on_error, bad=self.bad):
+                try:
+                    self.examples.append(self._encode(rec))
+                except DataError as e:
+                    if on_error == "raise":
+                        raise
+                    self.bad.add(e)
+        if not self.examples:
+            raise ValueError(f"no usable sample in {[str(f) for f in files]}\n{self.bad.summary()}")
+
+    def _encode(self, rec: Record) -> Example:
+        n_images = sum(c.count(IMAGE_TOKEN) for r, c in rec.turns)
+        image = None
+        if rec.image is not None:
+            if n_images > 1:
+                raise DataError(rec.where, "too many <image>", f"{n_images} <image> tags for one image")
+            turns = rec.turns
+            if n_images == 0:  # an image with no tag: it goes before the first user text
+                first = next(i for i, (r, _) in enumerate(turns) if r == "user")
+                turns = [*turns[:first], ("user", f"{IMAGE_TOKEN}\n{turns[first][1]}"), *turns[first + 1 :]]
+            rec = Record(turns, rec.image, rec.where, rec.meta)
+            image = self.image_dir / rec.image
+            if not image.is_file():
+                raise DataError(rec.where, "missing image", str(image))
+        elif n_images:
+            raise DataError(rec.where, "missing image", "<image> in the text but no 'image' key")
+        ids, labels = self.encoder.encode(rec.turns)
+        if len(ids) > self.max_len:
+            slots = [i for i, t in enumerate(ids) if t == self.encoder.image_id]
+            if slots and slots[-1] >= self.max_len:
+                raise DataError(
+                    rec.where, "too long", f"{len(ids)} tokens and the image ends past max_len={self.max_len}"
+                )
+            ids, labels = ids[: self.max_len], labels[: self.max_len]
+        if all(lab == IGNORE for lab in labels[1:]):
+            raise DataError(rec.where, "no supervised token", f"nothing to learn within max_len={self.max_len}")
+        return Example(ids, labels, image, rec.where, rec.meta)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def lengths(self) -> list[int]:
+        return [len(e.input_ids) for e in self.examples]
+
+    def __getitem__(self, i: int) -> dict | None:
+        ex = self.examples[i]
+        pixels = None
+        if ex.image is not None:
+            try:
+                pixels = self.processor(open_image(ex.image, ex.where))
+            except DataError as e:
+                if self.on_error == "raise":
+                    raise
+                self.bad.add(e)
+                return None
+        return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
+
+
+class Collator:
+    """Pads to the longest sample in the batch (right padding: with a causal
+    model, pads at the end never influence the real tokens)."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict | None]) -> dict[str, torch.Tensor]:
+        items = [it for it in items if it is not None]
+        T = max((len(it["input_ids"]) for it in items), default=1)
+        ids = torch.full((len(items), T), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
+        for b, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[b, :n] = torch.tensor(it["input_ids"])
+            labels[b, :n] = torch.tensor(it["labels"])
+        pixels = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
+        pixel_values = torch.stack(pixels) if pixels else torch.zeros(0)
+        return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}

@@ -1,0 +1,24 @@
+"""Opening images with errors that say which file and which sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from svlm.data.formats import DataError
+
+
+def open_image(path: str | Path, where: str = "") -> Image.Image:
+    """Open and fully decode an image; any failure is a DataError naming the file."""
+    where = where or str(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy() if im.mode != "P" else im.convert("RGBA")
+    except FileNotFoundError as e:
+        raise DataError(where, "missing image", str(path)) from e
+    except Image.DecompressionBombError as e:
+        raise DataError(where, "image too large", f"{path}: {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(where, "unreadable image", f"{path}: {e}") from e

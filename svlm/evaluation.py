@@ -1,0 +1,168 @@
+"""Scoring a model: validation loss and perplexity (teacher-forced), and
+exact-match answer accuracy on the test split by greedy generation, overall,
+per language and per question type (when the test records say them)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from svlm.checkpoint import load_model, resolve_model
+from svlm.config import EvalConfig
+from svlm.data.chat import IGNORE, ChatEncoder
+from svlm.data.dataset import ChatDataset, Collator
+from svlm.data.formats import BadSamples, read_records
+from svlm.data.images import open_image
+from svlm.data.source import data_root, split_file
+from svlm.generation import generate, pick_device
+from svlm.models.vision import ImageProcessor
+from svlm.models.vlm import VLM
+
+
+@torch.no_grad()
+def validate(model: VLM, loader, autocast, max_batches: int | None = None) -> dict:
+    """Mean loss over supervised tokens, perplexity, token accuracy, and the share
+    of samples whose every answer token is predicted right (teacher-forced)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum, tokens, correct, exact, samples = 0.0, 0, 0, 0, 0
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            out = model(batch["input_ids"], batch["pixel_values"], batch["labels"])
+        loss_sum += float(out.ce_loss) * out.n_tokens
+        tokens += out.n_tokens
+        pred = out.logits[:, :-1].argmax(-1)
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE
+        correct += int(((pred == labels) & mask).sum())
+        exact += int(((pred == labels) | ~mask).all(-1).sum())
+        samples += labels.shape[0]
+    model.train(was_training)
+    loss = loss_sum / max(tokens, 1)
+    return {
+        "val/loss": loss,
+        "val/ppl": math.exp(min(loss, 50)),
+        "val/token_acc": correct / max(tokens, 1),
+        "val/exact": exact / max(samples, 1),
+    }
+
+
+def normalize(text: str) -> str:
+    """Lower case, no surrounding space or final punctuation (English and Chinese)."""
+    return re.sub(r"[\s.。!！?？,，]+$", "", text.strip().lower())
+
+
+@torch.no_grad()
+def answer_accuracy(
+    model,
+    tokenizer,
+    encoder: ChatEncoder,
+    processor,
+    test_file: Path,
+    image_dir: Path,
+    batch_size: int,
+    max_new_tokens: int,
+    limit: int | None,
+) -> tuple[dict, list[dict]]:
+    """Greedy answers to the first question of each test record, compared to its first answer."""
+    device = next(model.parameters()).device
+    items = []
+    bad = BadSamples()
+    for rec in read_records(test_file, on_error="skip", bad=bad):
+        if limit is not None and len(items) >= limit:
+            break
+        first_user = next((i for i, (r, _) in enumerate(rec.turns) if r == "user"), None)
+        if first_user is None or first_user + 1 >= len(rec.turns):
+            continue
+        question, reference = rec.turns[first_user][1], rec.turns[first_user + 1][1]
+        ids = encoder.prompt(question, history=rec.turns[:first_user], image=rec.image is not None)
+        items.append({"rec": rec, "ids": ids, "question": question, "reference": reference})
+    # Prompts of the same length form a batch: no padding, so batching changes nothing.
+    by_len = defaultdict(list)
+    for it in items:
+        by_len[len(it["ids"])].append(it)
+    for group in by_len.values():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            pixels = [
+                processor(open_image(image_dir / it["rec"].image, it["rec"].where))
+                for it in chunk
+                if it["rec"].image is not None
+            ]
+            input_ids = torch.tensor([it["ids"] for it in chunk], device=device)
+            pixel_values = torch.stack(pixels).to(device) if pixels else None
+            outs = generate(model, input_ids, pixel_values, encoder.end_id, max_new_tokens)
+            for it, out in zip(chunk, outs):
+                it["answer"] = tokenizer.decode(out, skip_special_tokens=True)
+    totals, hits = defaultdict(int), defaultdict(int)
+    predictions = []
+    for it in items:
+        ok = normalize(it["answer"]) == normalize(it["reference"])
+        meta = it["rec"].meta
+        keys = ["all"] + [f"lang/{meta['lang']}"] * ("lang" in meta) + [f"type/{meta['type']}"] * ("type" in meta)
+        for k in keys:
+            totals[k] += 1
+            hits[k] += ok
+        predictions.append(
+            {
+                "where": it["rec"].where,
+                "question": it["question"],
+                "reference": it["reference"],
+                "answer": it["answer"],
+                "correct": ok,
+            }
+        )
+    acc = {k: hits[k] / totals[k] for k in sorted(totals)}
+    acc["n"] = totals["all"]
+    return acc, predictions
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    folder = resolve_model(cfg.ckpt, cfg.paths.outputs)
+    device = pick_device(cfg.hardware)
+    model, tokenizer, meta = load_model(folder, device)
+    print(f"evaluating {folder} ({meta.get('stage')}, model {meta.get('model')})")
+    root = data_root(cfg.data, cfg.paths.cache)
+    encoder = ChatEncoder(tokenizer, model.num_image_tokens)
+    processor = ImageProcessor(model.cfg.vision)
+    image_dir = root / cfg.data.image_dir
+    results: dict = {"model": str(folder), "stage": meta.get("stage")}
+
+    val_file = split_file(cfg.data, root, "val", "sft")
+    if val_file is not None:
+        max_len = min(cfg.data.max_len, model.cfg.lm.max_seq_len)
+        ds = ChatDataset([val_file], image_dir, encoder, processor, max_len, cfg.data.on_error)
+        loader = DataLoader(ds, batch_size=cfg.batch_size, collate_fn=Collator(encoder.pad_id))
+        val = validate(model, loader, nullcontext, cfg.val_batches)
+        results.update({"val_loss": val["val/loss"], "val_ppl": val["val/ppl"], "val_token_acc": val["val/token_acc"]})
+
+    test_file = split_file(cfg.data, root, "test", "sft")
+    if test_file is not None:
+        acc, predictions = answer_accuracy(
+            model, tokenizer, encoder, processor, test_file, image_dir, cfg.batch_size, cfg.max_new_tokens, cfg.max_test
+        )
+        results["accuracy"] = acc.get("all", float("nan"))
+        results["accuracy_by"] = acc
+        out = Path(cfg.paths.run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for p in predictions:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    out = Path(cfg.paths.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    for k, v in results.get("accuracy_by", {}).items():
+        print(f"  accuracy {k}: {v:.4f}" if k != "n" else f"  test questions: {v}")
+    print(f"accuracy={results.get('accuracy', float('nan')):.4f} val_loss={results.get('val_loss', float('nan')):.4f}")
+    return results

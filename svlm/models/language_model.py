@@ -1,0 +1,374 @@
+"""A decoder-only language model, written out in one file.
+
+Read it top to bottom: configuration, normalisation, positions, attention,
+feed-forward (SwiGLU, GELU or mixture of experts), the block, the model.
+
+References:
+- nanoGPT (Karpathy): the overall shape of a small GPT in one file.
+- "RoFormer" (Su et al., 2021) for rotary position embeddings (RoPE).
+- "GQA" (Ainslie et al., 2023): fewer key/value heads than query heads.
+- "GLU Variants Improve Transformer" (Shazeer, 2020) for SwiGLU.
+- "Switch Transformers" (Fedus et al., 2021) for the load-balancing loss;
+  DeepSeekMoE (Dai et al., 2024) for shared experts.
+
+The model takes token ids or ready-made input embeddings (the VLM splices
+visual tokens into them), so it knows nothing about images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class LMConfig:
+    vocab_size: int = 512
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (no GQA)
+    d_ff: int | None = None  # None: 4*d_model (gelu, moe) or 8/3*d_model (swiglu), rounded
+    max_seq_len: int = 1024
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    pos: Literal["rope", "learned"] = "rope"
+    rope_theta: float = 10000.0
+    mlp: Literal["swiglu", "gelu", "moe"] = "swiglu"
+    bias: bool = False
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    # Mixture of experts (mlp == "moe"): experts are GELU MLPs of width d_ff.
+    moe_experts: int = 4
+    moe_top_k: int = 2
+    moe_shared_experts: int = 1
+    moe_aux_coef: float = 0.01
+    # The original SVLM's wide text embedding: tokens are embedded at width
+    # d_in and a low-rank reducer (d_in -> rank -> d_model) maps the sequence
+    # to d_model. None: embed directly at d_model.
+    d_in: int | None = None
+    rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.lm.d_model ({self.d_model}) must be divisible by model.lm.n_heads ({self.n_heads})"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.lm.n_heads ({self.n_heads}) must be a multiple of model.lm.n_kv_heads ({self.n_kv_heads})"
+            )
+        if self.pos == "rope" and (self.d_model // self.n_heads) % 2:
+            raise ValueError("model.lm.pos=rope needs an even head size (d_model / n_heads)")
+        if self.mlp == "moe" and not 1 <= self.moe_top_k <= self.moe_experts:
+            raise ValueError(
+                f"model.lm.moe_top_k ({self.moe_top_k}) must be between 1 and model.lm.moe_experts ({self.moe_experts})"
+            )
+        if (self.d_in is None) != (self.rank is None):
+            raise ValueError("model.lm.d_in and model.lm.rank go together: set both or neither")
+        if self.d_ff is None:
+            if self.mlp == "swiglu":
+                self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
+            else:
+                self.d_ff = 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embeddings (and of the visual tokens spliced in)."""
+        return self.d_in if self.d_in is not None else self.d_model
+
+
+# ---------------------------------------------------------------- normalisation
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = x.float().pow(2).mean(-1, keepdim=True).add(self.eps).rsqrt()
+        return (x.float() * norm).type_as(x) * self.weight
+
+
+def make_norm(cfg: LMConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or cfg.d_model
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+# -------------------------------------------------------------------- positions
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_len, head_dim // 2)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of x: (B, nh, T, hs); cos/sin: (T, hs/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+# -------------------------------------------------------------------- attention
+
+
+class KVCache:
+    """Keys and values of every layer seen so far, for incremental decoding."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer == len(self.keys):  # first call for this layer
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LMConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.use_rope = cfg.pos == "rope"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+        past: int = 0,
+    ) -> torch.Tensor:
+        """past: how many earlier positions the cache holds (0 without a cache)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, past+T, hs)
+        # Causal: query i (absolute position past+i) sees keys 0..past+i.
+        # Without past keys that is exactly SDPA's is_causal; with a cache and
+        # one new token every key is visible; otherwise build the mask.
+        mask, is_causal = None, False
+        if past == 0:
+            is_causal = T > 1
+        elif T > 1:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hs)
+        return self.o_proj(y)
+
+
+# ----------------------------------------------------------------- feed-forward
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class MoE(nn.Module):
+    """Routed top-k experts plus always-on shared experts.
+
+    The load-balancing loss (Switch Transformer) is n_experts * sum_i f_i * P_i,
+    with f_i the fraction of token slots sent to expert i and P_i the mean
+    router probability of expert i. P_i carries the gradient, so the router
+    does learn to balance. It is stored in `aux_loss` after each forward.
+    """
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.top_k, self.n_experts = cfg.moe_top_k, cfg.moe_experts
+        self.router = nn.Linear(cfg.d_model, cfg.moe_experts, bias=False)
+        self.experts = nn.ModuleList(GeluMLP(cfg.d_model, cfg.d_ff, cfg.bias) for _ in range(cfg.moe_experts))
+        self.shared = nn.ModuleList(GeluMLP(cfg.d_model, cfg.d_ff, cfg.bias) for _ in range(cfg.moe_shared_experts))
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)  # (N, D)
+        probs = self.router(flat).float().softmax(dim=-1)  # (N, E)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(-1, keepdim=True)).type_as(x)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot = (chosen == e).nonzero(as_tuple=True)
+            if token_idx.numel():
+                y = expert(flat[token_idx]) * weights[token_idx, slot, None]
+                out.index_add_(0, token_idx, y)
+        for expert in self.shared:
+            out = out + expert(flat)
+        fraction = F.one_hot(chosen, self.n_experts).float().sum(1).mean(0) / self.top_k  # (E,), no grad
+        self.aux_loss = self.n_experts * (fraction * probs.mean(0)).sum()
+        return out.view(B, T, D)
+
+
+def make_mlp(cfg: LMConfig) -> nn.Module:
+    if cfg.mlp == "swiglu":
+        return SwiGLU(cfg.d_model, cfg.d_ff, cfg.bias)
+    if cfg.mlp == "gelu":
+        return GeluMLP(cfg.d_model, cfg.d_ff, cfg.bias)
+    return MoE(cfg)
+
+
+# ------------------------------------------------------------------------ model
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: LMConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = make_mlp(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None, past: int = 0) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, past))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (B, T, V)
+    aux_loss: torch.Tensor  # scalar: summed MoE balancing loss, already scaled by moe_aux_coef
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.reducer = None
+        if cfg.d_in is not None:  # the original's low-rank reducer
+            self.reducer = nn.Sequential(
+                nn.Linear(cfg.d_in, cfg.rank),
+                nn.GELU(),
+                nn.Linear(cfg.rank, cfg.d_model),
+                nn.LayerNorm(cfg.d_model),
+            )
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        if cfg.pos == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings and cfg.embed_dim == cfg.d_model:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the residual projections.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, embed_dim) embeddings."""
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> LMOutput:
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        x = inputs_embeds  # (B, T, embed_dim)
+        if self.reducer is not None:
+            x = self.reducer(x)  # (B, T, d_model)
+        B, T, _ = x.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + T} tokens is longer than model.lm.max_seq_len={self.cfg.max_seq_len}"
+            )
+        rope = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(start, start + T, device=x.device))
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.drop(x)
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, rope, None, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, start)
+        logits = self.lm_head(self.norm(x))
+        aux = x.new_zeros((), dtype=torch.float32)
+        if self.cfg.mlp == "moe":
+            aux = self.cfg.moe_aux_coef * sum(b.mlp.aux_loss for b in self.layers)
+        return LMOutput(logits=logits, aux_loss=aux)

@@ -1,0 +1,110 @@
+"""The vision-language model: encoder -> projector -> visual tokens spliced
+into the text embeddings at the image placeholder positions -> language model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from svlm.models.language_model import KVCache, LanguageModel, LMConfig
+from svlm.models.projector import ProjectorConfig, build_projector
+from svlm.models.vision import VisionConfig, VisionEncoder
+
+
+@dataclass
+class VLMConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    image_token_id: int = -1  # set from the tokenizer
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VLMConfig:
+        return cls(
+            vision=VisionConfig(**d["vision"]),
+            projector=ProjectorConfig(**d["projector"]),
+            lm=LMConfig(**d["lm"]),
+            image_token_id=d["image_token_id"],
+        )
+
+
+@dataclass
+class VLMOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None  # cross entropy + MoE balancing loss
+    ce_loss: torch.Tensor | None  # cross entropy alone, mean over supervised tokens
+    n_tokens: int  # supervised tokens in the batch
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: VLMConfig, dinov2_config=None) -> None:
+        """dinov2_config: build the encoder from this (random weights, to be
+        loaded next) instead of cfg.vision; used when loading a saved model."""
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg.vision, dinov2_config)
+        self.lm = LanguageModel(cfg.lm)
+        self.projector = build_projector(
+            cfg.projector, self.vision.hidden_size, cfg.lm.embed_dim, self.vision.num_patches + cfg.vision.use_cls
+        )
+        self.freeze_vision = False
+
+    @property
+    def num_image_tokens(self) -> int:
+        """How many placeholder ids one <image> expands to."""
+        return self.projector.num_tokens
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> visual tokens (B, N, embed_dim)."""
+        if self.freeze_vision:
+            self.vision.eval()  # a frozen encoder always runs in eval mode, without gradients
+            with torch.no_grad():
+                feats = self.vision(pixel_values)
+        else:
+            feats = self.vision(pixel_values)
+        return self.projector(feats)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Text embeddings with every image placeholder replaced by a visual token."""
+        embeds = self.lm.embed(input_ids)  # (B, T, E)
+        slots = input_ids == self.cfg.image_token_id  # (B, T)
+        n_slots = int(slots.sum())
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if n_slots:
+                raise ValueError(f"input has {n_slots} image placeholder tokens but no image was given")
+            return embeds
+        visual = self.encode_images(pixel_values.to(embeds.dtype))  # (n_images, N, E)
+        if n_slots != visual.shape[0] * visual.shape[1]:
+            raise ValueError(
+                f"input has {n_slots} image placeholder tokens but {visual.shape[0]} image(s) "
+                f"x {visual.shape[1]} visual tokens were given"
+            )
+        # Images fill the placeholder slots in reading order (row by row).
+        embeds = embeds.masked_scatter(slots.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1))
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> VLMOutput:
+        embeds = self.embed(input_ids, pixel_values)
+        out = self.lm(inputs_embeds=embeds, cache=cache)
+        if labels is None:
+            return VLMOutput(out.logits, None, None, 0)
+        # Next-token prediction: the logit at t predicts the label at t+1.
+        shift_logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])  # (B*(T-1), V)
+        shift_labels = labels[:, 1:].reshape(-1)  # (B*(T-1),)
+        n_tokens = int((shift_labels != -100).sum())
+        ce_sum = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=-100, reduction="sum")
+        ce = ce_sum / max(n_tokens, 1)  # a batch with no supervised token gives 0, not NaN
+        return VLMOutput(out.logits, ce + out.aux_loss, ce, n_tokens)

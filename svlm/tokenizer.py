@@ -1,0 +1,114 @@
+"""Tokenizers: our byte-level BPE trained from the data's text in seconds, or
+any local Hugging Face tokenizer folder. Both come out as a transformers
+`PreTrainedTokenizerFast` with the chat's special tokens and chat template.
+
+    python -m svlm.tokenizer train --data data.jsonl [more.jsonl ...] --vocab-size 6400 --out my-tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from svlm.data.chat import IMAGE_TOKEN, JINJA_TEMPLATE, PAD_TOKEN, SPECIAL_TOKENS
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None  # a local tokenizer folder; None: train our BPE on the data
+    vocab_size: int = 512  # for our BPE
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 style) over `texts`: any Unicode text round-trips exactly."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return finish(PreTrainedTokenizerFast(tokenizer_object=tok))
+
+
+def finish(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Add the chat's special tokens that are missing, set the pad token and the template."""
+    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    tok.pad_token = PAD_TOKEN
+    tok.chat_template = JINJA_TEMPLATE
+    return tok
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer.path={str(path)!r}: no such folder")
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise FileNotFoundError(
+            f"tokenizer.path={str(path)!r}: no tokenizer there (expected tokenizer.json or tokenizer.model)"
+        )
+    return finish(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+
+
+def texts_of(jsonl_files: Iterable[str | os.PathLike]) -> Iterable[str]:
+    """Every turn's text in jsonl/json files of either format (bad lines are skipped here;
+    the data loader reports them)."""
+    from svlm.data.formats import read_records
+
+    for path in jsonl_files:
+        for rec in read_records(path, on_error="skip"):
+            for _, content in rec.turns:
+                yield content.replace(IMAGE_TOKEN, "")
+
+
+def tokenizer_for_data(cfg: TokenizerConfig, train_files: list[Path]) -> PreTrainedTokenizerBase:
+    """The configured tokenizer folder, or our BPE trained once on `train_files`
+    and cached next to the first of them."""
+    if cfg.path is not None:
+        return load_tokenizer(cfg.path)
+    h = hashlib.sha256()
+    for f in train_files:
+        st = Path(f).stat()
+        h.update(f"{Path(f).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(f"vocab={cfg.vocab_size}".encode())
+    folder = Path(train_files[0]).parent / ".svlm" / f"tokenizer-bpe{cfg.vocab_size}-{h.hexdigest()[:10]}"
+    if (folder / "tokenizer.json").is_file():
+        return load_tokenizer(folder)
+    tok = train_bpe(texts_of(train_files), cfg.vocab_size)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        pass
+    return load_tokenizer(folder)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m svlm.tokenizer", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a byte-level BPE on the text of jsonl/json data files")
+    t.add_argument("--data", nargs="+", required=True, help="jsonl or json files")
+    t.add_argument("--vocab-size", type=int, default=6400)
+    t.add_argument("--out", required=True, help="folder to write (tokenizer.path loads it)")
+    args = p.parse_args(argv)
+    tok = train_bpe(texts_of(args.data), args.vocab_size)
+    tok.save_pretrained(args.out)
+    print(json.dumps({"out": args.out, "vocab_size": len(tok)}))
+
+
+if __name__ == "__main__":
+    main()
