@@ -72,6 +72,8 @@ def find_models(root: str | os.PathLike) -> list[tuple[float, Path, dict]]:
             meta = json.loads(meta_path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
+        if meta.get("finished") is False:  # a periodic checkpoint (stage.save_every), not a finished model
+            continue
         found.append((meta.get("finished_at", 0.0), folder, meta))
     return sorted(found, key=lambda t: t[0], reverse=True)
 

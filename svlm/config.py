@@ -35,6 +35,13 @@ class ModelConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     lm: LMConfig = field(default_factory=LMConfig)  # lm.vocab_size is taken from the tokenizer
 
+    def __post_init__(self) -> None:
+        if self.vision.use_cls and self.projector.kind == "mlp" and self.projector.compress != "none":
+            raise ConfigError(
+                "model.vision.use_cls=true cannot be combined with model.projector.compress="
+                f"{self.projector.compress}: the CLS token is not on the patch grid"
+            )
+
 
 @dataclass
 class DataConfig:
@@ -172,7 +179,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     ckpt: str | None = None  # a model or run folder; None: the newest finished model
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig | None = None  # None: the data the model was trained on
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     batch_size: int = 64
@@ -236,6 +243,10 @@ def convert(tp: Any, value: Any, key: str) -> Any:
         real = [e for e in errors if isinstance(e, ConfigError)]
         if real:
             raise real[0]
+        shapes = [o for o in errors if dataclasses.is_dataclass(o)]
+        if shapes:  # no dataclass has all the keys: report the unknown key of the closest one
+            closest = min(shapes, key=lambda o: len(set(value) - {f.name for f in dataclasses.fields(o)}))
+            return build(closest, value, key)
         raise ConfigError(f"{key}: {value!r} fits none of {', '.join(_type_name(o) for o in options)}")
     if origin is Literal:
         choices = typing.get_args(tp)

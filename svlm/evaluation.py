@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from svlm.checkpoint import load_model, resolve_model
-from svlm.config import EvalConfig
+from svlm.config import ConfigError, DataConfig, EvalConfig, build
 from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.dataset import ChatDataset, Collator
 from svlm.data.formats import BadSamples, read_records
@@ -133,21 +133,26 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = pick_device(cfg.hardware)
     model, tokenizer, meta = load_model(folder, device)
     print(f"evaluating {folder} ({meta.get('stage')}, model {meta.get('model')})")
-    root = data_root(cfg.data, cfg.paths.cache)
+    data_cfg = cfg.data
+    if data_cfg is None:  # score on the data set the model was trained for
+        if "data_config" not in meta:
+            raise ConfigError(f"{folder}/svlm.json does not say which data the model was trained on: pass data=<option>")
+        data_cfg = build(DataConfig, meta["data_config"], "data")
+    root = data_root(data_cfg, cfg.paths.cache)
     encoder = ChatEncoder(tokenizer, model.num_image_tokens)
     processor = ImageProcessor(model.cfg.vision)
-    image_dir = root / cfg.data.image_dir
+    image_dir = root / data_cfg.image_dir
     results: dict = {"model": str(folder), "stage": meta.get("stage")}
 
-    val_file = split_file(cfg.data, root, "val", "sft")
+    val_file = split_file(data_cfg, root, "val", "sft")
     if val_file is not None:
-        max_len = min(cfg.data.max_len, model.cfg.lm.max_seq_len)
-        ds = ChatDataset([val_file], image_dir, encoder, processor, max_len, cfg.data.on_error)
+        max_len = min(data_cfg.max_len, model.cfg.lm.max_seq_len)
+        ds = ChatDataset([val_file], image_dir, encoder, processor, max_len, data_cfg.on_error)
         loader = DataLoader(ds, batch_size=cfg.batch_size, collate_fn=Collator(encoder.pad_id))
         val = validate(model, loader, nullcontext, cfg.val_batches)
         results.update({"val_loss": val["val/loss"], "val_ppl": val["val/ppl"], "val_token_acc": val["val/token_acc"]})
 
-    test_file = split_file(cfg.data, root, "test", "sft")
+    test_file = split_file(data_cfg, root, "test", "sft")
     if test_file is not None:
         acc, predictions = answer_accuracy(
             model, tokenizer, encoder, processor, test_file, image_dir, cfg.batch_size, cfg.max_new_tokens, cfg.max_test

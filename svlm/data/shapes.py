@@ -31,7 +31,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-VERSION = 3  # bump when the drawing or the wording changes: the cache key includes it
+VERSION = 4  # bump when the drawing or the wording changes: the cache key includes it
 
 COLOURS = {  # name: (Chinese, RGB)
     "red": ("红色", (215, 35, 35)),
@@ -104,7 +104,7 @@ def draw(shapes: list[Shape], size: int, rng: random.Random) -> Image.Image:
     for s in shapes:
         col = list(POSITIONS).index(s.position) % 2
         row = list(POSITIONS).index(s.position) // 2
-        frac = rng.uniform(0.09, 0.13) if s.size == "small" else rng.uniform(0.19, 0.23)
+        frac = rng.uniform(0.11, 0.14) if s.size == "small" else rng.uniform(0.20, 0.24)
         r = frac * size
         margin = r + 1
         cx = col * half + rng.uniform(margin, half - margin) if half - margin > margin else col * half + half / 2
@@ -293,3 +293,24 @@ def build_shapes(spec: ShapesSpec, cache_dir: str | os.PathLike) -> Path:
     except OSError:  # another process finished first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m svlm.data.shapes picture.png [--seed N] [--max-shapes K] [--size S]: draw one picture and
+    print its English and Chinese captions (handy for trying infer.py)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m svlm.data.shapes", description=main.__doc__)
+    p.add_argument("out", help="PNG file to write")
+    p.add_argument("--seed", type=int, default=None, help="default: a random picture")
+    p.add_argument("--max-shapes", type=int, default=1)
+    p.add_argument("--size", type=int, default=64, help="picture size in pixels")
+    args = p.parse_args(argv)
+    rng = random.Random(args.seed)
+    shapes = sample_shapes(args.max_shapes, rng)
+    draw(shapes, args.size, rng).save(args.out)
+    print(f"{args.out}: {caption(shapes, 'en')} / {caption(shapes, 'zh')}")
+
+
+if __name__ == "__main__":
+    main()

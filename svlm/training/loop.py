@@ -301,6 +301,7 @@ def _save(model, tokenizer, folder, cfg, stage, key, step, val, finished):
         "model_key": key,
         "step": step,
         "data": cfg.data.name,
+        "data_config": dataclasses.asdict(cfg.data),
         "finished": finished,
         "metrics": val,
     }
