@@ -48,12 +48,15 @@ class DataConfig:
     name: str = "shapes"
     kind: Literal["shapes", "files"] = "shapes"  # shapes: generated here; files: your jsonl/json
     root: str | None = None  # folder of the data files; shapes: null = generated under paths.cache
+    # File and folder names under root; "{task}" becomes the stage's task
+    # (pretrain in stage 1, sft in stage 2).
     image_dir: str = "images"  # images resolve against root/image_dir
-    # File names under root; "{task}" becomes the stage's task (pretrain or sft).
     train_file: str = "{task}_train.jsonl"
-    val_file: str | None = "{task}_val.jsonl"
-    test_file: str | None = "sft_test.jsonl"
-    max_len: int = 512  # tokens, image placeholders included
+    val_file: str | None = "{task}_val.jsonl"  # None: hold out val_fraction of the training file
+    test_file: str | None = "sft_test.jsonl"  # questions scored by exact match in eval.py
+    val_fraction: float = 0.0  # used when val_file is None
+    max_len: int = 512  # tokens, image placeholders included (the original's --fixed_len)
+    shuffle: bool = True  # a new order every epoch; false: file order
     on_error: Literal["skip", "raise"] = "skip"
     # shapes only: what to generate
     max_shapes: int = 1
@@ -63,6 +66,14 @@ class DataConfig:
     image_size: int = 64
     languages: list[str] = field(default_factory=lambda: ["en", "zh"])
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_file is not None and self.val_fraction > 0:
+            raise ConfigError("data.val_file and data.val_fraction both set: use one (set data.val_file=null)")
+        if self.max_len < 8:
+            raise ConfigError(f"data.max_len must be at least 8, got {self.max_len}")
 
 
 @dataclass
@@ -171,6 +182,7 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     init_from: str | None = None  # stage 2's start: a model or run folder; None: newest stage-1 result
     seed: int = 0
+    run_name: str | None = None  # names the run folder and the wandb run
 
     def stages(self) -> list[StageConfig]:
         return self.stage.stages() if isinstance(self.stage, BothStagesConfig) else [self.stage]
@@ -182,10 +194,12 @@ class EvalConfig:
     data: DataConfig | None = None  # None: the data the model was trained on
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    task: str = "sft"  # fills "{task}" in the data's file names
     batch_size: int = 64
+    steps: int = -1  # validation batches for loss/perplexity; -1: all (the original's --steps_per_epoch)
     max_new_tokens: int = 32
-    max_test: int | None = None  # score at most this many test questions
-    val_batches: int | None = None  # None: the whole validation split
+    max_test: int | None = None  # score at most this many questions
+    max_answer_tokens: int = 16  # only answers this short are scored by exact match
 
 
 @dataclass

@@ -18,9 +18,8 @@ from svlm.checkpoint import load_model, resolve_model
 from svlm.config import ConfigError, DataConfig, EvalConfig, build
 from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.dataset import ChatDataset, Collator
-from svlm.data.formats import BadSamples, read_records
-from svlm.data.images import open_image
-from svlm.data.source import data_root, split_file
+from svlm.data.formats import BadSamples
+from svlm.data.source import data_root, image_dir, load_splits, split_file
 from svlm.generation import generate, pick_device
 from svlm.models.vision import ImageProcessor
 from svlm.models.vlm import VLM
@@ -65,41 +64,37 @@ def normalize(text: str) -> str:
 
 @torch.no_grad()
 def answer_accuracy(
-    model,
+    model: VLM,
     tokenizer,
     encoder: ChatEncoder,
-    processor,
-    test_file: Path,
-    image_dir: Path,
+    ds: ChatDataset,
     batch_size: int,
     max_new_tokens: int,
     limit: int | None,
+    max_answer_tokens: int,
 ) -> tuple[dict, list[dict]]:
-    """Greedy answers to the first question of each test record, compared to its first answer."""
+    """Greedy answers to the first question of each sample, compared with its
+    first answer (exact match after normalising). Samples whose reference
+    answer is longer than max_answer_tokens are not scored: exact match means
+    little for long answers."""
     device = next(model.parameters()).device
     items = []
-    bad = BadSamples()
-    for rec in read_records(test_file, on_error="skip", bad=bad):
+    for index, ex in enumerate(ds.examples):
         if limit is not None and len(items) >= limit:
             break
-        first_user = next((i for i, (r, _) in enumerate(rec.turns) if r == "user"), None)
-        if first_user is None or first_user + 1 >= len(rec.turns):
+        start = next(i for i, lab in enumerate(ex.labels) if lab != IGNORE)  # first answer token
+        end = ex.labels.index(encoder.end_id, start) if encoder.end_id in ex.labels[start:] else len(ex.labels)
+        if end - start > max_answer_tokens:
             continue
-        question, reference = rec.turns[first_user][1], rec.turns[first_user + 1][1]
-        ids = encoder.prompt(question, history=rec.turns[:first_user], image=rec.image is not None)
-        items.append({"rec": rec, "ids": ids, "question": question, "reference": reference})
+        items.append({"index": index, "ids": ex.input_ids[:start], "reference": tokenizer.decode(ex.labels[start:end])})
     # Prompts of the same length form a batch: no padding, so batching changes nothing.
     by_len = defaultdict(list)
     for it in items:
         by_len[len(it["ids"])].append(it)
     for group in by_len.values():
-        for start in range(0, len(group), batch_size):
-            chunk = group[start : start + batch_size]
-            pixels = [
-                processor(open_image(image_dir / it["rec"].image, it["rec"].where))
-                for it in chunk
-                if it["rec"].image is not None
-            ]
+        for first in range(0, len(group), batch_size):
+            chunk = group[first : first + batch_size]
+            pixels = [px for it in chunk if (px := ds[it["index"]]["pixel_values"]) is not None]
             input_ids = torch.tensor([it["ids"] for it in chunk], device=device)
             pixel_values = torch.stack(pixels).to(device) if pixels else None
             outs = generate(model, input_ids, pixel_values, encoder.end_id, max_new_tokens)
@@ -108,16 +103,17 @@ def answer_accuracy(
     totals, hits = defaultdict(int), defaultdict(int)
     predictions = []
     for it in items:
+        ex = ds.examples[it["index"]]
         ok = normalize(it["answer"]) == normalize(it["reference"])
-        meta = it["rec"].meta
-        keys = ["all"] + [f"lang/{meta['lang']}"] * ("lang" in meta) + [f"type/{meta['type']}"] * ("type" in meta)
+        keys = ["all"] + [f"{k}/{ex.meta[k]}" for k in ("lang", "type") if k in ex.meta]
         for k in keys:
             totals[k] += 1
             hits[k] += ok
+        question = tokenizer.decode([t for t in it["ids"] if t != encoder.image_id], skip_special_tokens=True)
         predictions.append(
             {
-                "where": it["rec"].where,
-                "question": it["question"],
+                "where": ex.where,
+                "prompt": question.strip(),
                 "reference": it["reference"],
                 "answer": it["answer"],
                 "correct": ok,
@@ -136,38 +132,52 @@ def evaluate(cfg: EvalConfig) -> dict:
     data_cfg = cfg.data
     if data_cfg is None:  # score on the data set the model was trained for
         if "data_config" not in meta:
-            raise ConfigError(f"{folder}/svlm.json does not say which data the model was trained on: pass data=<option>")
+            raise ConfigError(
+                f"{folder}/svlm.json does not say which data the model was trained on: pass data=<option>"
+            )
         data_cfg = build(DataConfig, meta["data_config"], "data")
     root = data_root(data_cfg, cfg.paths.cache)
     encoder = ChatEncoder(tokenizer, model.num_image_tokens)
     processor = ImageProcessor(model.cfg.vision)
-    image_dir = root / data_cfg.image_dir
+    images = image_dir(data_cfg, root, cfg.task)
+    max_len = min(data_cfg.max_len, model.cfg.lm.max_seq_len)
+    bad = BadSamples()
     results: dict = {"model": str(folder), "stage": meta.get("stage")}
 
-    val_file = split_file(data_cfg, root, "val", "sft")
+    # Loss and perplexity: the validation split (a file, or the held-out
+    # fraction of the training file with the training seed); without one, the
+    # whole training file, as the original's `validate` did.
+    val_file = split_file(data_cfg, root, "val", cfg.task)
     if val_file is not None:
-        max_len = min(data_cfg.max_len, model.cfg.lm.max_seq_len)
-        ds = ChatDataset([val_file], image_dir, encoder, processor, max_len, data_cfg.on_error)
-        loader = DataLoader(ds, batch_size=cfg.batch_size, collate_fn=Collator(encoder.pad_id))
-        val = validate(model, loader, nullcontext, cfg.val_batches)
-        results.update({"val_loss": val["val/loss"], "val_ppl": val["val/ppl"], "val_token_acc": val["val/token_acc"]})
+        val_ds = ChatDataset([val_file], images, encoder, processor, max_len, data_cfg.on_error, bad)
+    else:
+        train_ds, val_ds = load_splits(data_cfg, root, cfg.task, encoder, processor, max_len, bad, meta.get("seed", 0))
+        val_ds = val_ds or train_ds
+    loader = DataLoader(val_ds, batch_size=cfg.batch_size, collate_fn=Collator(encoder.pad_id))
+    val = validate(model, loader, nullcontext, None if cfg.steps < 0 else cfg.steps)
+    results.update({"val_loss": val["val/loss"], "val_ppl": val["val/ppl"], "val_token_acc": val["val/token_acc"]})
 
-    test_file = split_file(data_cfg, root, "test", "sft")
-    if test_file is not None:
-        acc, predictions = answer_accuracy(
-            model, tokenizer, encoder, processor, test_file, image_dir, cfg.batch_size, cfg.max_new_tokens, cfg.max_test
-        )
-        results["accuracy"] = acc.get("all", float("nan"))
+    # Answer accuracy: the test file when there is one, else the validation samples.
+    test_file = split_file(data_cfg, root, "test", cfg.task)
+    scored = (
+        ChatDataset([test_file], images, encoder, processor, max_len, data_cfg.on_error, bad) if test_file else val_ds
+    )
+    acc, predictions = answer_accuracy(
+        model, tokenizer, encoder, scored, cfg.batch_size, cfg.max_new_tokens, cfg.max_test, cfg.max_answer_tokens
+    )
+    if acc["n"]:
+        results["accuracy"] = acc["all"]
         results["accuracy_by"] = acc
-        out = Path(cfg.paths.run_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-            for p in predictions:
-                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    if bad.total:
+        print(bad.summary())
+        results["bad_samples"] = dict(bad.counts)
     out = Path(cfg.paths.run_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for p in predictions:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
     (out / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     for k, v in results.get("accuracy_by", {}).items():
-        print(f"  accuracy {k}: {v:.4f}" if k != "n" else f"  test questions: {v}")
-    print(f"accuracy={results.get('accuracy', float('nan')):.4f} val_loss={results.get('val_loss', float('nan')):.4f}")
+        print(f"  accuracy {k}: {v:.4f}" if k != "n" else f"  questions scored: {v}")
+    print(f"accuracy={results.get('accuracy', float('nan')):.4f} val_loss={results['val_loss']:.4f}")
     return results

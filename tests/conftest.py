@@ -38,6 +38,8 @@ MODEL_OVERRIDES = [
     "model.vision.num_layers=1",
     "model.vision.num_heads=2",
     f"model.vision.image_size={IMAGE_SIZE}",
+    "model.vision.patch_size=8",  # a 4x4 grid of patches
+    "model.projector.factor=2",  # merged 2x2: 4 visual tokens
 ]
 TOKENIZER_OVERRIDES = ["tokenizer.vocab_size=400"]
 

@@ -148,7 +148,7 @@ def test_unknown_key_fails(paths):
         (["stage=stage2", "stage.batch_size=0"], "stage.batch_size"),
         (["stage=stage1", "stage.warmup=1.5"], "stage.warmup"),
         (["model.lm.d_model=65"], "model.lm.d_model"),
-        (["model.vision.image_size=60"], "model.vision.image_size"),
+        (["model.vision.image_size=62"], "model.vision.image_size"),
         (["stage=stage1", "stage.train_vision=yes please"], "stage.train_vision"),
     ],
 )

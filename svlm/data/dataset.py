@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,15 @@ class ChatDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def split(self, fraction: float, seed: int) -> tuple[ChatDataset, ChatDataset]:
+        """(rest, held out): about `fraction` of the samples held out, the same ones for the same seed."""
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).tolist()
+        held = set(order[: max(1, round(fraction * len(self)))])
+        rest, out = copy.copy(self), copy.copy(self)
+        rest.examples = [e for i, e in enumerate(self.examples) if i not in held]
+        out.examples = [e for i, e in enumerate(self.examples) if i in held]
+        return rest, out
 
     def lengths(self) -> list[int]:
         return [len(e.input_ids) for e in self.examples]

@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 from svlm.checkpoint import load_model, model_key, resolve_model, save_model
 from svlm.config import ConfigError, HardwareConfig, StageConfig, TrainConfig
 from svlm.data.chat import ChatEncoder
-from svlm.data.dataset import ChatDataset, Collator
+from svlm.data.dataset import Collator
 from svlm.data.formats import BadSamples
-from svlm.data.source import data_root, split_file
+from svlm.data.source import data_root, load_splits, split_file
 from svlm.evaluation import validate
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint
 from svlm.models.vlm import VLM, VLMConfig
@@ -56,15 +56,17 @@ def make_accelerator(hw: HardwareConfig) -> Accelerator:
 
 
 class EpochSampler(Sampler[int]):
-    """A fresh permutation of the data each epoch, from (seed, epoch)."""
+    """A fresh permutation of the data each epoch, from (seed, epoch); file order without shuffle."""
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.epoch, self.shuffle = n, seed, 0, shuffle
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
 
@@ -88,7 +90,7 @@ class MetricsLog:
                 mode = "online" if _wandb_logged_in() else "offline"
             self.wandb = wandb.init(
                 project=cfg.logger.project,
-                name=f"{Path(cfg.paths.run_dir).name}-{stage}",
+                name=f"{cfg.run_name or Path(cfg.paths.run_dir).name}-{stage}",
                 dir=str(path.parent),
                 mode=mode,
                 config=dataclasses.asdict(cfg),
@@ -139,7 +141,6 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, accelerator: Accelerator, in
     stage_dir.mkdir(parents=True, exist_ok=True)
     key = model_key(dataclasses.asdict(cfg.model))
     train_file = split_file(cfg.data, root, "train", stage.task)
-    val_file = split_file(cfg.data, root, "val", stage.task)
 
     if init is not None:
         model, tokenizer, meta = load_model(init)
@@ -162,12 +163,7 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, accelerator: Accelerator, in
     collate = Collator(encoder.pad_id)
     bad = BadSamples()
     max_len = min(cfg.data.max_len, model.cfg.lm.max_seq_len)
-    train_ds = ChatDataset([train_file], root / cfg.data.image_dir, encoder, processor, max_len, cfg.data.on_error, bad)
-    val_ds = (
-        ChatDataset([val_file], root / cfg.data.image_dir, encoder, processor, max_len, cfg.data.on_error, bad)
-        if val_file
-        else None
-    )
+    train_ds, val_ds = load_splits(cfg.data, root, stage.task, encoder, processor, max_len, bad, cfg.seed)
 
     micro = cfg.hardware.micro_batch_size or stage.batch_size
     world = accelerator.num_processes
@@ -184,7 +180,7 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, accelerator: Accelerator, in
     if stage.max_steps is not None:
         total = min(total, stage.max_steps)
 
-    sampler = EpochSampler(len(train_ds), cfg.seed)
+    sampler = EpochSampler(len(train_ds), cfg.seed, cfg.data.shuffle)
     loader = DataLoader(
         train_ds,
         batch_size=micro,
@@ -302,6 +298,7 @@ def _save(model, tokenizer, folder, cfg, stage, key, step, val, finished):
         "step": step,
         "data": cfg.data.name,
         "data_config": dataclasses.asdict(cfg.data),
+        "seed": cfg.seed,
         "finished": finished,
         "metrics": val,
     }
