@@ -1,5 +1,7 @@
 """Score a model: `python eval.py [ckpt=<folder>] [data=...]` (see conf/eval.yaml)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -14,4 +16,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from svlm.cli import quote_free_text
+
+    sys.argv = quote_free_text(sys.argv)  # prompt=这张图里有什么？ etc. need Hydra quoting
     main()

@@ -1,5 +1,7 @@
 """Ask a model: `python infer.py image=photo.jpg prompt="..."` (see conf/infer.yaml)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -14,4 +16,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from svlm.cli import quote_free_text
+
+    sys.argv = quote_free_text(sys.argv)  # prompt=这张图里有什么？ etc. need Hydra quoting
     main()

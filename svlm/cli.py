@@ -11,6 +11,23 @@ from omegaconf import DictConfig
 from svlm.config import ConfigError, load_eval_config, load_infer_config, load_train_config
 from svlm.data.formats import DataError
 
+FREE_TEXT_KEYS = ("prompt", "image", "ckpt")
+
+
+def quote_free_text(args: list[str], keys: tuple[str, ...] = FREE_TEXT_KEYS) -> list[str]:
+    """Quote free-text overrides for Hydra: `prompt=这张图里有什么？` (the shell has
+    already removed the user's quotes) becomes `prompt='这张图里有什么？'`, which
+    Hydra's override grammar accepts whatever the characters."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key in keys and not (value[:1] in "'\"" and value[:1] == value[-1:] and len(value) > 1):
+            escaped = value.replace("'", "\\'")
+            arg = f"{key}='{escaped}'"
+
+        out.append(arg)
+    return out
+
 
 def _guard(fn: Callable[[], object]) -> None:
     try:

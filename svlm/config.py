@@ -15,15 +15,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from svlm.errors import ConfigError
 from svlm.models.language_model import LMConfig
 from svlm.models.projector import ProjectorConfig
 from svlm.models.vision import VisionConfig
 from svlm.tokenizer import TokenizerConfig
-
-
-class ConfigError(ValueError):
-    """A wrong configuration value; the message names the key."""
-
 
 # ---------------------------------------------------------------------- schemas
 

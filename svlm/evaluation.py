@@ -8,7 +8,6 @@ import json
 import math
 import re
 from collections import defaultdict
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.dataset import ChatDataset, Collator
 from svlm.data.formats import BadSamples
 from svlm.data.source import data_root, image_dir, load_splits, split_file
-from svlm.generation import generate, pick_device
+from svlm.generation import autocast_for, generate, pick_device
 from svlm.models.vision import ImageProcessor
 from svlm.models.vlm import VLM
 
@@ -154,7 +153,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         train_ds, val_ds = load_splits(data_cfg, root, cfg.task, encoder, processor, max_len, bad, meta.get("seed", 0))
         val_ds = val_ds or train_ds
     loader = DataLoader(val_ds, batch_size=cfg.batch_size, collate_fn=Collator(encoder.pad_id))
-    val = validate(model, loader, nullcontext, None if cfg.steps < 0 else cfg.steps)
+    val = validate(model, loader, lambda: autocast_for(cfg.hardware, device), None if cfg.steps < 0 else cfg.steps)
     results.update({"val_loss": val["val/loss"], "val_ppl": val["val/ppl"], "val_token_acc": val["val/token_acc"]})
 
     # Answer accuracy: the test file when there is one, else the validation samples.
@@ -162,9 +161,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     scored = (
         ChatDataset([test_file], images, encoder, processor, max_len, data_cfg.on_error, bad) if test_file else val_ds
     )
-    acc, predictions = answer_accuracy(
-        model, tokenizer, encoder, scored, cfg.batch_size, cfg.max_new_tokens, cfg.max_test, cfg.max_answer_tokens
-    )
+    with autocast_for(cfg.hardware, device):
+        acc, predictions = answer_accuracy(
+            model, tokenizer, encoder, scored, cfg.batch_size, cfg.max_new_tokens, cfg.max_test, cfg.max_answer_tokens
+        )
     if acc["n"]:
         results["accuracy"] = acc["all"]
         results["accuracy_by"] = acc

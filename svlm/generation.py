@@ -102,3 +102,15 @@ def pick_device(hw) -> torch.device:
     if hw.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("hardware.device=cuda but no CUDA GPU is available (use hardware=cpu or hardware=auto)")
     return torch.device("cuda" if torch.cuda.is_available() and hw.device != "cpu" else "cpu")
+
+
+def autocast_for(hw, device: torch.device):
+    """A context manager for the precision a HardwareConfig asks for (bf16/fp16 autocast on a GPU)."""
+    from contextlib import nullcontext
+
+    precision = hw.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32" or device.type != "cuda":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

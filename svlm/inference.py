@@ -12,7 +12,7 @@ from svlm.checkpoint import load_model, resolve_model
 from svlm.config import InferConfig
 from svlm.data.chat import ChatEncoder
 from svlm.data.images import open_image
-from svlm.generation import TextStreamer, generate, pick_device
+from svlm.generation import TextStreamer, autocast_for, generate, pick_device
 from svlm.models.vision import ImageProcessor
 
 
@@ -30,18 +30,19 @@ def ask(cfg: InferConfig) -> str:
     input_ids = torch.tensor([encoder.prompt(cfg.prompt, image=cfg.image is not None)], device=device)
     streamer = TextStreamer(tokenizer, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    (ids,) = generate(
-        model,
-        input_ids,
-        pixel_values,
-        encoder.end_id,
-        cfg.max_new_tokens,
-        cfg.temperature,
-        cfg.top_k,
-        cfg.top_p,
-        on_token=streamer,
-        generator=generator,
-    )
+    with autocast_for(cfg.hardware, device):
+        (ids,) = generate(
+            model,
+            input_ids,
+            pixel_values,
+            encoder.end_id,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_k,
+            cfg.top_p,
+            on_token=streamer,
+            generator=generator,
+        )
     answer = tokenizer.decode(ids, skip_special_tokens=True)
     sys.stdout.write(answer[len(streamer.printed) :] + "\n")
     out = Path(cfg.paths.run_dir)

@@ -19,6 +19,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from svlm.data.chat import IMAGE_TOKEN, JINJA_TEMPLATE, PAD_TOKEN, SPECIAL_TOKENS
+from svlm.errors import ConfigError
 
 
 @dataclass
@@ -55,9 +56,9 @@ def finish(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"tokenizer.path={str(path)!r}: no such folder")
+        raise ConfigError(f"tokenizer.path={str(path)!r}: no such folder")
     if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise FileNotFoundError(
+        raise ConfigError(
             f"tokenizer.path={str(path)!r}: no tokenizer there (expected tokenizer.json or tokenizer.model)"
         )
     return finish(AutoTokenizer.from_pretrained(folder, local_files_only=True))

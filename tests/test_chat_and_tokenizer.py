@@ -13,6 +13,7 @@ from svlm.data.chat import (
     ChatEncoder,
     render,
 )
+from svlm.errors import ConfigError
 from svlm.tokenizer import load_tokenizer, main, train_bpe
 
 SINGLE = [("user", "<image>\nWhat colour is the shape?"), ("assistant", "red")]
@@ -140,10 +141,10 @@ def test_save_and_load_round_trip(tokenizer, tmp_path):
 
 
 def test_load_tokenizer_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.path"):
+    with pytest.raises(ConfigError, match="tokenizer.path"):
         load_tokenizer(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no tokenizer there"):
+    with pytest.raises(ConfigError, match="no tokenizer there"):
         load_tokenizer(tmp_path / "empty")
 
 

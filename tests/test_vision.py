@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from transformers import Dinov2Config, Dinov2Model
 
+from svlm.errors import ConfigError
 from svlm.models.vision import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -148,9 +149,9 @@ def test_encoder_from_saved_folder(tmp_path):
 
 
 def test_missing_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model.vision.path"):
+    with pytest.raises(ConfigError, match="model.vision.path"):
         VisionEncoder(VisionConfig(path=str(tmp_path / "nope")))
-    with pytest.raises(FileNotFoundError, match="model.vision.path"):
+    with pytest.raises(ConfigError, match="model.vision.path"):
         sync_with_checkpoint(VisionConfig(path=str(tmp_path / "nope")))
 
 

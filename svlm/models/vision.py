@@ -23,6 +23,8 @@ from PIL import Image
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model
 
+from svlm.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -65,13 +67,13 @@ def load_dinov2(cfg: VisionConfig, config: Dinov2Config | None = None) -> Dinov2
         return Dinov2Model(config)
     folder = Path(cfg.path)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"model.vision.path={cfg.path!r}: no DINOv2 checkpoint there (expected a folder with "
             "config.json and model.safetensors, e.g. a download of facebook/dinov2-base)"
         )
     config = Dinov2Config.from_pretrained(folder)
     if config.model_type != "dinov2":
-        raise ValueError(f"model.vision.path={cfg.path!r} holds a {config.model_type!r} model, not dinov2")
+        raise ConfigError(f"model.vision.path={cfg.path!r} holds a {config.model_type!r} model, not dinov2")
     return Dinov2Model.from_pretrained(folder, local_files_only=True)
 
 
