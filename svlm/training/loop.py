@@ -153,7 +153,7 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, accelerator: Accelerator, in
     else:
         tokenizer = tokenizer_for_data(cfg.tokenizer, [train_file])
         model = build_model(cfg, tokenizer)
-    for w in set_trainable(model, stage):
+    for w in set_trainable(model, stage, fresh=init is None):
         accelerator.print(f"[{stage.name}] note: {w}")
     if cfg.hardware.grad_checkpointing:
         model.lm.gradient_checkpointing = True
@@ -198,7 +198,9 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, accelerator: Accelerator, in
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, stage.warmup, stage.min_lr_ratio)
     )
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # The scheduler counts optimizer steps itself: not prepared (accelerate would
+    # step it once per process).
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
     raw = accelerator.unwrap_model(model)
@@ -214,11 +216,11 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, accelerator: Accelerator, in
         accelerator.print(f"[{stage.name}] {bad.summary()}")
     log = MetricsLog(stage_dir / "metrics.jsonl", cfg, stage.name, main)
 
-    def batches():
+    def batches():  # endless: a new order each pass over the data
         epoch = 0
         while True:
             loader.set_epoch(epoch)
-            yield from ((epoch, b) for b in loader)
+            yield from loader
             epoch += 1
 
     stream = batches()
@@ -228,7 +230,7 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, accelerator: Accelerator, in
     val = {}
     for step in range(total):
         for micro_step in range(accum):
-            epoch, batch = next(stream)
+            batch = next(stream)
             sync = micro_step == accum - 1
             with accelerator.no_sync(model) if not sync else nullcontext():
                 with accelerator.autocast():

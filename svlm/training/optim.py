@@ -11,9 +11,9 @@ from svlm.config import StageConfig
 from svlm.models.vlm import VLM
 
 
-def set_trainable(model: VLM, stage: StageConfig) -> list[str]:
-    """Freeze and unfreeze parts as the stage says; returns warnings about
-    parts left frozen."""
+def set_trainable(model: VLM, stage: StageConfig, fresh: bool = False) -> list[str]:
+    """Freeze and unfreeze parts as the stage says; returns notes about parts
+    left frozen (at random init when the model is `fresh`)."""
     model.requires_grad_(False)
     model.vision.requires_grad_(stage.train_vision)
     model.freeze_vision = not stage.train_vision
@@ -33,10 +33,17 @@ def set_trainable(model: VLM, stage: StageConfig) -> list[str]:
                 part.requires_grad_(True)
     if stage.train_text_embed and lm.lm_head.weight is lm.embed_tokens.weight:
         lm.lm_head.requires_grad_(True)
-    warnings = []
+    notes = []
+    init = " at their random init" if fresh else ""
     if top < n_layers:
-        warnings.append(f"the lowest {n_layers - top} of {n_layers} LM blocks stay frozen in {stage.name}")
-    return warnings
+        notes.append(f"the lowest {n_layers - top} of {n_layers} LM blocks stay frozen{init} in {stage.name}")
+    if fresh and not stage.train_vision and model.cfg.vision.path is None:
+        notes.append(f"the vision encoder stays frozen{init} (no model.vision.path) in {stage.name}")
+    if fresh and not stage.train_projector:
+        notes.append(f"the projector stays frozen{init} in {stage.name}")
+    if fresh and not stage.train_text_embed and top < n_layers:
+        notes.append(f"the token embeddings stay frozen{init} in {stage.name}")
+    return notes
 
 
 def _no_decay_ids(model: nn.Module) -> set[int]:
