@@ -129,3 +129,21 @@ def test_default_d_ff():
     assert LMConfig(d_model=64, mlp="gelu").d_ff == 256
     swiglu = LMConfig(d_model=96, mlp="swiglu").d_ff
     assert swiglu % 64 == 0 and swiglu >= 8 * 96 / 3
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "moe"])
+def test_gradient_checkpointing_gives_the_same_gradients(mlp):
+    cfg = LMConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, mlp=mlp, moe_aux_coef=0.1)
+    torch.manual_seed(0)
+    model = LanguageModel(cfg).train()
+    ids = torch.randint(0, 50, (2, 12))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        out = model(ids)
+        (out.logits.square().mean() + out.aux_loss).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)

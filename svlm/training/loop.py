@@ -155,8 +155,10 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, accelerator: Accelerator, in
         model = build_model(cfg, tokenizer)
     for w in set_trainable(model, stage, fresh=init is None):
         accelerator.print(f"[{stage.name}] note: {w}")
-    if cfg.hardware.grad_checkpointing:
+    if cfg.hardware.grad_checkpointing:  # recompute activations block by block in the backward pass
         model.lm.gradient_checkpointing = True
+        if stage.train_vision:
+            model.vision.dinov2.gradient_checkpointing_enable()
 
     encoder = ChatEncoder(tokenizer, model.num_image_tokens)
     processor = ImageProcessor(model.cfg.vision)
