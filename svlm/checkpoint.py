@@ -34,11 +34,17 @@ def model_key(model_cfg: dict) -> str:
     return hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def save_model(folder: str | os.PathLike, model: VLM, tokenizer, meta: dict) -> Path:
+def save_model(
+    folder: str | os.PathLike, model: VLM, tokenizer, meta: dict, extra: dict[str, object] | None = None
+) -> Path:
+    """Write a model folder atomically. `extra` maps file names to objects saved
+    with torch.save in the same folder (the trainer state of a checkpoint)."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    for name, obj in (extra or {}).items():
+        torch.save(obj, tmp / name)
     save_safetensors(model, str(tmp / "model.safetensors"))
     (tmp / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
     model.vision.dinov2.config.to_json_file(tmp / "vision_config.json")

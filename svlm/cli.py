@@ -38,9 +38,13 @@ def _guard(fn: Callable[[], object]) -> None:
 
 
 def run_train(cfg: DictConfig) -> None:
-    from svlm.training.loop import train
+    from svlm.training.loop import TrainingStopped, train
 
-    _guard(lambda: train(load_train_config(cfg)))
+    try:
+        _guard(lambda: train(load_train_config(cfg)))
+    except TrainingStopped as e:
+        print(str(e), file=sys.stderr if e.exit_code else sys.stdout)
+        sys.exit(e.exit_code)
 
 
 def run_eval(cfg: DictConfig) -> None:

@@ -53,7 +53,8 @@ class DataConfig:
     val_fraction: float = 0.0  # used when val_file is None
     max_len: int = 512  # tokens, image placeholders included (the original's --fixed_len)
     shuffle: bool = True  # a new order every epoch; false: file order
-    on_error: Literal["skip", "raise"] = "skip"
+    on_error: Literal["skip", "raise"] = "skip"  # a bad sample: reported and skipped, or fatal
+    max_bad_fraction: float = 0.01  # stop when more than this share of the samples is bad
     # shapes only: what to generate
     max_shapes: int = 1
     n_train: int = 6000
@@ -97,7 +98,9 @@ class StageConfig:
     eval_every: int = 100  # optimizer steps between validations (0: only at the end)
     val_batches: int = 20  # at most this many batches per validation
     log_every: int = 10
-    save_every: int = 0  # optimizer steps between checkpoints (0: only the final model)
+    save_every: int = 0  # optimizer steps between checkpoints to resume from (0: only the final model)
+    keep_last: int = 3  # checkpoints kept (0: all)
+    max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
 
     def __post_init__(self) -> None:
         if self.name not in ("stage1", "stage2"):
@@ -179,6 +182,7 @@ class TrainConfig:
     init_from: str | None = None  # stage 2's start: a model or run folder; None: newest stage-1 result
     seed: int = 0
     run_name: str | None = None  # names the run folder and the wandb run
+    resume: str | None = None  # continue a stopped run: latest, a run folder, or a checkpoint folder
 
     def stages(self) -> list[StageConfig]:
         return self.stage.stages() if isinstance(self.stage, BothStagesConfig) else [self.stage]

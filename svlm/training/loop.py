@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,17 +30,26 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from svlm.checkpoint import load_model, model_key, resolve_model, save_model
-from svlm.config import ConfigError, HardwareConfig, StageConfig, TrainConfig
+from svlm.checkpoint import is_model_folder, load_model, model_key, resolve_model, save_model
+from svlm.config import ConfigError, HardwareConfig, StageConfig, TrainConfig, build
 from svlm.data.chat import ChatEncoder
 from svlm.data.dataset import Collator
-from svlm.data.formats import BadSamples
+from svlm.data.formats import BadSamples, DataError
 from svlm.data.source import data_root, load_splits, split_file
 from svlm.evaluation import validate
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.tokenizer import tokenizer_for_data
 from svlm.training.optim import lr_factor, make_optimizer, set_trainable
+from svlm.training.state import (
+    TRAINER_STATE,
+    checkpoints,
+    is_checkpoint,
+    load_trainer_state,
+    prune,
+    rng_state,
+    set_rng_state,
+)
 
 # ------------------------------------------------------------------- hardware
 
@@ -56,22 +67,65 @@ def make_accelerator(hw: HardwareConfig) -> Accelerator:
 
 
 class EpochSampler(Sampler[int]):
-    """A fresh permutation of the data each epoch, from (seed, epoch); file order without shuffle."""
+    """A fresh permutation of the data each epoch, from (seed, epoch); file order
+    without shuffle. `start_at(epoch, skip)` resumes in the middle of an epoch."""
 
     def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
         self.n, self.seed, self.epoch, self.shuffle = n, seed, 0, shuffle
+        self.resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def start_at(self, epoch: int, skip: int) -> None:
+        self.resume = (epoch, skip)
+
     def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.resume is not None and self.resume[0] == self.epoch:
+            order = order[self.resume[1] :]
+            self.resume = None
+        return iter(order)
 
     def __len__(self) -> int:
         return self.n
+
+
+class StopRequested:
+    """Set by SIGINT/SIGTERM: the loop saves at the next step boundary and stops."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.previous: dict = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers only work in the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+        print(f"\n{self.signal} received: saving a checkpoint at the end of this step (again to stop at once)")
+        for sig, handler in self.previous.items():  # a second signal acts as usual
+            signal.signal(sig, handler)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+class TrainingStopped(Exception):
+    """A run stopped early (by a signal, or by too many bad steps)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # ---------------------------------------------------------------------- logging
@@ -134,26 +188,37 @@ def build_model(cfg: TrainConfig, tokenizer) -> VLM:
     return VLM(vlm_cfg)
 
 
-def run_stage(cfg: TrainConfig, stage: StageConfig, accelerator: Accelerator, init: Path | None, root: Path) -> Path:
-    """Train one stage; returns the folder of the finished model."""
+def run_stage(
+    cfg: TrainConfig,
+    stage: StageConfig,
+    accelerator: Accelerator,
+    init: Path | None,
+    root: Path,
+    stop: StopRequested,
+    resume: Path | None = None,
+) -> Path:
+    """Train one stage (from `init`, or continuing the checkpoint `resume`);
+    returns the folder of the finished model."""
     main = accelerator.is_main_process
     stage_dir = Path(cfg.paths.run_dir) / stage.name
     stage_dir.mkdir(parents=True, exist_ok=True)
     key = model_key(dataclasses.asdict(cfg.model))
     train_file = split_file(cfg.data, root, "train", stage.task)
 
-    if init is not None:
-        model, tokenizer, meta = load_model(init)
+    start = resume or init
+    if start is not None:
+        model, tokenizer, meta = load_model(start)
         if meta.get("model_key") != key:
+            what = "resume" if resume else "init_from"
             raise ConfigError(
-                f"init_from={str(init)!r} holds a model of config {meta.get('model')!r} (key {meta.get('model_key')}), "
+                f"{what}={str(start)!r} holds a model of config {meta.get('model')!r} (key {meta.get('model_key')}), "
                 f"but model={cfg.model.name} has key {key}: start from a model trained with the same model config"
             )
-        accelerator.print(f"[{stage.name}] starting from {init}")
+        accelerator.print(f"[{stage.name}] {'resuming' if resume else 'starting'} from {start}")
     else:
         tokenizer = tokenizer_for_data(cfg.tokenizer, [train_file])
         model = build_model(cfg, tokenizer)
-    for w in set_trainable(model, stage, fresh=init is None):
+    for w in set_trainable(model, stage, fresh=start is None):
         accelerator.print(f"[{stage.name}] note: {w}")
     if cfg.hardware.grad_checkpointing:  # recompute activations block by block in the backward pass
         model.lm.gradient_checkpointing = True
@@ -166,6 +231,7 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, accelerator: Accelerator, in
     bad = BadSamples()
     max_len = min(cfg.data.max_len, model.cfg.lm.max_seq_len)
     train_ds, val_ds = load_splits(cfg.data, root, stage.task, encoder, processor, max_len, bad, cfg.seed)
+    check_bad_fraction(bad, len(train_ds) + (len(val_ds) if val_ds else 0), cfg.data.max_bad_fraction)
 
     micro = cfg.hardware.micro_batch_size or stage.batch_size
     world = accelerator.num_processes
@@ -208,6 +274,25 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, accelerator: Accelerator, in
     raw = accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
+    # Where the loop stands; all of it goes into a checkpoint's trainer state.
+    pos = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "window_loss": 0.0, "window_n": 0, "bad_in_a_row": 0}
+    if resume is not None:
+        state = load_trainer_state(resume)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        pos.update(state["position"])
+        if state["world"] != world or state["micro"] != micro:
+            raise ConfigError(
+                f"resume={str(resume)!r} was written with {state['world']} process(es) x micro-batch "
+                f"{state['micro']}; this run has {world} x {micro}: resume with the same hardware settings"
+            )
+        sampler.start_at(pos["epoch"], pos["batch"] * micro * world)
+        if main:
+            truncate_metrics(stage_dir / "metrics.jsonl", pos["step"])
+
     n_params = sum(p.numel() for p in raw.parameters())
     n_train = sum(p.numel() for p in trainable)
     accelerator.print(
@@ -218,19 +303,39 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, accelerator: Accelerator, in
         accelerator.print(f"[{stage.name}] {bad.summary()}")
     log = MetricsLog(stage_dir / "metrics.jsonl", cfg, stage.name, main)
 
-    def batches():  # endless: a new order each pass over the data
-        epoch = 0
+    def batches():  # endless: a new order each pass over the data; pos says where it stands
         while True:
-            loader.set_epoch(epoch)
-            yield from loader
-            epoch += 1
+            loader.set_epoch(pos["epoch"])
+            for batch in loader:
+                pos["batch"] += 1
+                yield batch
+            pos["epoch"] += 1
+            pos["batch"] = 0
+
+    def save_checkpoint(step: int) -> Path:
+        folder = stage_dir / "checkpoints" / f"step-{step:07d}"
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "rng": rng_state(),
+            "position": dict(pos),
+            "world": world,
+            "micro": micro,
+        }
+        if main:
+            _save(raw, tokenizer, folder, cfg, stage, key, step, val, finished=False, extra={TRAINER_STATE: state})
+            prune(stage_dir, stage.keep_last)
+        accelerator.wait_for_everyone()
+        return folder
 
     stream = batches()
     model.train()
-    bar = tqdm(total=total, desc=stage.name, disable=not main, dynamic_ncols=True)
-    t0, seen, window_loss, window_n = time.time(), 0, 0.0, 0
-    val = {}
-    for step in range(total):
+    bar = tqdm(total=total, initial=pos["step"], desc=stage.name, disable=not main, dynamic_ncols=True)
+    t0, seen0 = time.time(), pos["seen"]
+    val: dict = {}
+    while pos["step"] < total:
+        step_loss = 0.0
         for micro_step in range(accum):
             batch = next(stream)
             sync = micro_step == accum - 1
@@ -238,45 +343,60 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, accelerator: Accelerator, in
                 with accelerator.autocast():
                     out = model(batch["input_ids"], batch["pixel_values"], batch["labels"])
                 accelerator.backward(out.loss / accum)
-            window_loss += float(out.ce_loss.detach()) / accum
-            seen += batch["input_ids"].shape[0] * world
-        grad_norm = accelerator.clip_grad_norm_(trainable, stage.grad_clip) if stage.grad_clip > 0 else None
-        optimizer.step()
+            step_loss += float(out.ce_loss.detach()) / accum
+            pos["seen"] += batch["input_ids"].shape[0] * world
+        grad_norm = accelerator.clip_grad_norm_(trainable, stage.grad_clip if stage.grad_clip > 0 else float("inf"))
+        pos["step"] += 1
+        done = pos["step"]
+        if math.isfinite(step_loss) and math.isfinite(float(grad_norm)):
+            optimizer.step()
+            pos["bad_in_a_row"] = 0
+            pos["window_loss"] += step_loss
+            pos["window_n"] += 1
+        else:  # a non-finite loss or gradient: skip the update, keep the schedule
+            pos["bad_in_a_row"] += 1
+            log.log({"step": done, "skipped": f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient'}"})
+            bar.write(f"[{stage.name}] step {done}: non-finite loss or gradient, update skipped")
+            if pos["bad_in_a_row"] >= stage.max_bad_steps:
+                last = checkpoints(stage_dir)
+                raise TrainingStopped(
+                    f"[{stage.name}] {pos['bad_in_a_row']} steps in a row had a non-finite loss or gradient "
+                    f"(stage.max_bad_steps={stage.max_bad_steps}); stopped at step {done}. Last good checkpoint: "
+                    f"{last[-1] if last else 'none'}. Try a lower stage.lr or hardware.precision=fp32.",
+                    exit_code=1,
+                )
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        window_n += 1
         bar.update(1)
-        done = step + 1
-        if done % stage.log_every == 0 or done == total:
-            loss = window_loss / window_n
+        if (done % stage.log_every == 0 or done == total) and pos["window_n"]:
+            loss = pos["window_loss"] / pos["window_n"]
             record = {
                 "step": done,
-                "epoch": round(seen / len(train_ds), 3),
+                "epoch": round(pos["seen"] / len(train_ds), 3),
                 "train/loss": loss,
                 "train/ppl": math.exp(min(loss, 50)),
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/aux_loss": float((out.loss - out.ce_loss).detach()),
-                "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "samples_per_s": seen / (time.time() - t0),
+                "train/grad_norm": float(grad_norm),
+                "samples_per_s": (pos["seen"] - seen0) / (time.time() - t0),
             }
             log.log(record)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['train/lr']:.1e}")
-            window_loss, window_n = 0.0, 0
+            pos["window_loss"], pos["window_n"] = 0.0, 0
         if val_loader is not None and ((stage.eval_every and done % stage.eval_every == 0) or done == total):
             val = validate(model, val_loader, accelerator.autocast, stage.val_batches)
             log.log({"step": done, **val})
             bar.write(f"[{stage.name}] step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
-        if stage.save_every and done % stage.save_every == 0 and done < total and main:
-            _save(
-                raw,
-                tokenizer,
-                stage_dir / "checkpoints" / f"step-{done:07d}",
-                cfg,
-                stage,
-                key,
-                done,
-                val,
-                finished=False,
+        if stage.save_every and done % stage.save_every == 0 and done < total and not pos["bad_in_a_row"]:
+            save_checkpoint(done)  # not during a run of bad steps: the last checkpoint stays a good one
+        if stop.signal is not None and done < total:
+            folder = save_checkpoint(done)
+            bar.close()
+            log.close()
+            raise TrainingStopped(
+                f"[{stage.name}] stopped by {stop.signal} at step {done} of {total}; checkpoint: {folder}\n"
+                f"resume with: python train.py resume={cfg.paths.run_dir}",
+                exit_code=0,
             )
     bar.close()
     log.close()
@@ -294,7 +414,27 @@ def run_stage(cfg: TrainConfig, stage: StageConfig, accelerator: Accelerator, in
     return out_dir
 
 
-def _save(model, tokenizer, folder, cfg, stage, key, step, val, finished):
+def check_bad_fraction(bad: BadSamples, good: int, limit: float) -> None:
+    """Stop when more than `limit` of the samples are bad: the data, not a few lines, is wrong."""
+    total = good + bad.total
+    if bad.total and bad.total > limit * total:
+        raise DataError(
+            "data",
+            "too many bad samples",
+            f"{bad.total} of {total} samples are bad ({bad.total / total:.1%} > data.max_bad_fraction={limit}):\n"
+            f"{bad.summary()}",
+        )
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after `step` (by a run killed after its last checkpoint)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _save(model, tokenizer, folder, cfg, stage, key, step, val, finished, extra=None):
     meta = {
         "stage": stage.name,
         "model": cfg.model.name,
@@ -306,18 +446,55 @@ def _save(model, tokenizer, folder, cfg, stage, key, step, val, finished):
         "finished": finished,
         "metrics": val,
     }
-    save_model(folder, model, tokenizer, meta)
+    save_model(folder, model, tokenizer, meta, extra)
 
 
 # ------------------------------------------------------------------------ train
 
 
+def find_resume(resume: str, outputs: str) -> tuple[Path, Path | None]:
+    """resume=latest | <run folder> | <checkpoint folder> -> (run folder, a chosen checkpoint or None)."""
+    if resume == "latest":
+        found = [p for p in Path(outputs).glob("**/checkpoints/step-*") if is_checkpoint(p)]
+        if not found:
+            raise ConfigError(
+                f"resume=latest: no checkpoint under {str(outputs)!r} (checkpoints need stage.save_every)"
+            )
+        newest = max(found, key=lambda p: (p / TRAINER_STATE).stat().st_mtime)
+        return newest.parents[2], None
+    path = Path(resume)
+    if not path.exists():
+        raise ConfigError(f"resume={resume!r}: no such folder (a run folder, a checkpoint folder, or latest)")
+    if is_checkpoint(path):
+        return path.parents[2], path
+    if (path / "config.yaml").is_file():
+        return path, None
+    raise ConfigError(f"resume={resume!r} is neither a run folder (with config.yaml) nor a checkpoint")
+
+
+def load_resumed_config(cfg: TrainConfig) -> tuple[TrainConfig, Path | None]:
+    """The resumed run's own config (its hardware and logger may change), in its own folder."""
+    run_dir, chosen = find_resume(cfg.resume, cfg.paths.outputs)
+    stored = build(TrainConfig, OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")), "")
+    stored = dataclasses.replace(
+        stored, hardware=cfg.hardware, logger=cfg.logger, resume=None,
+        paths=dataclasses.replace(stored.paths, run_dir=str(run_dir)),
+    )  # fmt: skip
+    print(f"resuming {run_dir} with its own config.yaml (other overrides, but hardware and logger, are ignored)")
+    return stored, chosen
+
+
 def train(cfg: TrainConfig) -> list[Path]:
-    """Run every stage the config asks for; returns the finished model folders."""
+    """Run every stage the config asks for; returns the finished model folders.
+    Raises TrainingStopped when a signal or bad numbers stop the run."""
+    chosen: Path | None = None
+    resuming = cfg.resume is not None
+    if resuming:
+        cfg, chosen = load_resumed_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(cfg.hardware)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not (run_dir / "config.yaml").is_file():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
     stages = cfg.stages()
     key = model_key(dataclasses.asdict(cfg.model))
@@ -325,7 +502,7 @@ def train(cfg: TrainConfig) -> list[Path]:
     init: Path | None = None
     if cfg.init_from is not None:
         init = resolve_model(cfg.init_from, cfg.paths.outputs, key="init_from")
-    elif stages[0].name == "stage2":
+    elif stages[0].name == "stage2" and not (run_dir / "stage2" / "checkpoints").is_dir():
         try:
             init = resolve_model(None, cfg.paths.outputs, key="init_from", stage="stage1", model=key)
         except FileNotFoundError as e:
@@ -333,10 +510,27 @@ def train(cfg: TrainConfig) -> list[Path]:
                 f"stage=stage2 needs a stage-1 model to start from, and {e}. "
                 f"Run `python train.py stage=stage1 model={cfg.model.name}` first, or pass init_from=<model folder>."
             ) from None
+    stop = StopRequested()
+    stop.install()
     results = []
-    for stage in stages:
-        set_seed(cfg.seed)
-        init = run_stage(cfg, stage, accelerator, init, root)
-        results.append(init)
+    try:
+        for stage in stages:
+            stage_dir = run_dir / stage.name
+            finished = stage_dir / "model"
+            if is_model_folder(finished):  # done before the run was stopped
+                accelerator.print(f"[{stage.name}] already finished: {finished}")
+                init = finished
+                results.append(init)
+                continue
+            resume = None
+            if chosen is not None and chosen.parents[1] == stage_dir:
+                resume = chosen
+            elif resuming and checkpoints(stage_dir):
+                resume = checkpoints(stage_dir)[-1]
+            set_seed(cfg.seed)
+            init = run_stage(cfg, stage, accelerator, init, root, stop, resume)
+            results.append(init)
+    finally:
+        stop.restore()
     accelerator.end_training()
     return results

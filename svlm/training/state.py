@@ -1,0 +1,79 @@
+"""Checkpoints that a run resumes from exactly, and finding them.
+
+A checkpoint is a model folder (see svlm/checkpoint.py) plus `trainer_state.pt`:
+optimizer, scheduler and gradient-scaler states, the RNG states, the step,
+and the position in the data. It is written under a temporary name and
+renamed, so a kill during a save leaves the previous checkpoint whole. The
+state holds only tensors and plain Python values and loads with
+`torch.load(weights_only=True)`: a checkpoint cannot run code.
+
+    <run>/<stage>/checkpoints/step-0000100/   model files + trainer_state.pt
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from svlm.checkpoint import MODEL_FILES
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": _to_lists(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_to_tuples(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def load_trainer_state(folder: Path) -> dict:
+    path = Path(folder) / TRAINER_STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: not a training checkpoint (no {TRAINER_STATE})")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in (*MODEL_FILES, TRAINER_STATE))
+
+
+def checkpoints(stage_dir: Path) -> list[Path]:
+    """The complete checkpoints of a stage, oldest first (half-written ones are hidden
+    under a temporary name and never listed)."""
+    found = [p for p in (Path(stage_dir) / "checkpoints").glob("step-*") if is_checkpoint(p)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def prune(stage_dir: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` checkpoints of a stage (0: keep all)."""
+    if keep_last <= 0:
+        return
+    for old in checkpoints(stage_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
