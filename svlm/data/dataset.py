@@ -41,6 +41,7 @@ class ChatDataset(Dataset):
         self.on_error = on_error
         self.bad = bad if bad is not None else BadSamples()
         self.examples: list[Example] = []
+        self.truncated: list[str] = []  # file:line of samples cut to max_len (kept: images and answers left)
         for f in files:
             for rec in read_records(f, on_error=on_error, bad=self.bad):
                 try:
@@ -76,8 +77,11 @@ class ChatDataset(Dataset):
                     rec.where, "too long", f"{len(ids)} tokens and the image ends past max_len={self.max_len}"
                 )
             ids, labels = ids[: self.max_len], labels[: self.max_len]
+            if all(lab == IGNORE for lab in labels[1:]):
+                raise DataError(rec.where, "too long", f"no answer left within max_len={self.max_len}")
+            self.truncated.append(rec.where)
         if all(lab == IGNORE for lab in labels[1:]):
-            raise DataError(rec.where, "no supervised token", f"nothing to learn within max_len={self.max_len}")
+            raise DataError(rec.where, "no supervised token", "nothing to learn")
         return Example(ids, labels, image, rec.where, rec.meta)
 
     def __len__(self) -> int:

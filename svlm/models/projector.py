@@ -35,6 +35,14 @@ class ProjectorConfig:
             raise ValueError(f"model.projector.queries must be >= 1, got {self.queries}")
 
 
+def count_tokens(cfg: ProjectorConfig, num_patches: int) -> int:
+    """How many visual tokens the projector makes from `num_patches` patch features."""
+    if cfg.kind == "resampler":
+        return cfg.queries
+    r = cfg.factor if cfg.compress != "none" else 1
+    return num_patches // (r * r)
+
+
 def compress_grid(x: torch.Tensor, mode: str, r: int) -> torch.Tensor:
     """(B, P, C) patch tokens on a square grid -> (B, P/r^2, C*r^2 or C)."""
     if mode == "none" or r == 1:
@@ -57,7 +65,7 @@ class MLPProjector(nn.Module):
         self.cfg = cfg
         r = cfg.factor if cfg.compress != "none" else 1
         feat = in_dim * r * r if cfg.compress == "pixel_shuffle" else in_dim
-        self.num_tokens = num_patches // (r * r)
+        self.num_tokens = count_tokens(cfg, num_patches)
         hidden = cfg.hidden or out_dim
         self.norm = nn.LayerNorm(feat) if cfg.norm else nn.Identity()
         self.fc1 = nn.Linear(feat, hidden)

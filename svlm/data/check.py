@@ -1,0 +1,149 @@
+"""Check a data set without training:
+
+    python -m svlm.data.check data=svlm data.root=Svlmdata tokenizer.path=llava-1.5-7b-hf [model=svlm] [stage=...]
+
+Takes the same overrides as train.py. For every file the chosen stages read
+(train, validation, test), it parses every record, tokenizes it with the
+chat template, opens and decodes every image, and reports: good and bad
+samples by reason with the first examples (file:line), samples cut to
+data.max_len, a histogram of token lengths, and the share of supervised
+(answer) tokens. The report is printed and written to
+outputs/check/<time>/report.json. Exit code 1 when anything is bad.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from svlm.config import TrainConfig, load_train_config
+from svlm.data.chat import IGNORE, ChatEncoder
+from svlm.data.dataset import ChatDataset
+from svlm.data.formats import BadSamples, DataError
+from svlm.data.images import open_image
+from svlm.data.source import data_root, image_dir, split_file
+from svlm.errors import ConfigError
+from svlm.models.projector import count_tokens
+from svlm.models.vision import sync_with_checkpoint
+from svlm.tokenizer import tokenizer_for_data
+
+
+def histogram(lengths: list[int], bins: int = 8, width: int = 40) -> list[str]:
+    """Text bars of a length distribution."""
+    lo, hi = min(lengths), max(lengths)
+    step = max(1, -(-(hi - lo + 1) // bins))
+    counts = Counter((n - lo) // step for n in lengths)
+    top = max(counts.values())
+    return [
+        f"  {lo + i * step:>6}-{lo + (i + 1) * step - 1:<6} {counts[i]:>8}  {'#' * max(1, round(width * counts[i] / top)) if counts[i] else ''}"
+        for i in range((hi - lo) // step + 1)
+    ]
+
+
+def check_file(path: Path, images: Path, encoder: ChatEncoder, max_len: int) -> dict:
+    bad = BadSamples()
+    try:
+        ds = ChatDataset([path], images, encoder, processor=None, max_len=max_len, on_error="skip", bad=bad)
+        examples, truncated = ds.examples, ds.truncated
+    except ValueError:  # no usable sample at all: the reasons are in `bad`
+        examples, truncated = [], []
+    unreadable = 0
+    for ex in examples:  # every image, fully decoded
+        if ex.image is not None:
+            try:
+                open_image(ex.image, ex.where)
+            except DataError as e:
+                bad.add(e)
+                unreadable += 1
+    lengths = [len(ex.input_ids) for ex in examples]
+    supervised = sum(sum(lab != IGNORE for lab in ex.labels) for ex in examples)
+    return {
+        "file": str(path),
+        "good": len(examples) - unreadable,
+        "bad": bad.total,
+        "bad_by_reason": dict(bad.counts),
+        "bad_examples": bad.examples,
+        "truncated": len(truncated),
+        "truncated_examples": truncated[:5],
+        "tokens": {"min": min(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths)} if lengths else {},
+        "supervised_share": supervised / max(1, sum(lengths)),
+        "histogram": histogram(lengths) if lengths else [],
+    }
+
+
+def check(cfg: TrainConfig) -> dict:
+    root = data_root(cfg.data, cfg.paths.cache)
+    tasks = list(dict.fromkeys(s.task for s in cfg.stages()))
+    first_train = split_file(cfg.data, root, "train", tasks[0])
+    tokenizer = tokenizer_for_data(cfg.tokenizer, [first_train])
+    vision = sync_with_checkpoint(cfg.model.vision) if cfg.model.vision.path else cfg.model.vision
+    grid = vision.image_size // vision.patch_size
+    encoder = ChatEncoder(tokenizer, count_tokens(cfg.model.projector, grid * grid + vision.use_cls))
+    max_len = min(cfg.data.max_len, cfg.model.lm.max_seq_len)
+    reports = []
+    for task in tasks:
+        for split in ("train", "val", "test"):
+            try:
+                path = split_file(cfg.data, root, split, task)
+            except ConfigError as e:
+                if split == "train":
+                    raise
+                print(f"note: {e}")
+                continue
+            if path is not None and str(path) not in {r["file"] for r in reports}:
+                reports.append(check_file(path, image_dir(cfg.data, root, task), encoder, max_len))
+    return {"data": cfg.data.name, "root": str(root), "max_len": max_len,
+            "image_tokens": encoder.num_image_tokens, "files": reports}  # fmt: skip
+
+
+def print_report(report: dict) -> None:
+    print(f"data={report['data']} root={report['root']} (max_len {report['max_len']}, "
+          f"{report['image_tokens']} image tokens a picture)")  # fmt: skip
+    for r in report["files"]:
+        print(f"\n{r['file']}: {r['good']} good, {r['bad']} bad, {r['truncated']} cut to max_len")
+        for reason, n in sorted(r["bad_by_reason"].items(), key=lambda kv: -kv[1]):
+            print(f"  {reason}: {n}")
+            for ex in r["bad_examples"][reason][:3]:
+                print(f"    {ex}")
+        for where in r["truncated_examples"][:3]:
+            print(f"  cut to max_len: {where}")
+        if r["tokens"]:
+            t = r["tokens"]
+            print(f"  tokens a sample: min {t['min']}, mean {t['mean']:.1f}, max {t['max']}; "
+                  f"supervised share {r['supervised_share']:.1%}")  # fmt: skip
+            print("\n".join(r["histogram"]))
+    total_bad = sum(r["bad"] for r in report["files"])
+    print(f"\n{'OK: no bad samples' if not total_bad else f'{total_bad} bad sample(s)'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hydra import compose, initialize_config_dir
+
+    from svlm.cli import quote_free_text
+
+    argv = quote_free_text(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    out = Path("outputs") / "check" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = load_train_config(compose("train", [f"paths.run_dir={out}", *argv]))
+        out = Path(cfg.paths.run_dir)
+        report = check(cfg)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_report(report)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    print(f"report: {out / 'report.json'}")
+    return 1 if any(r["bad"] for r in report["files"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
