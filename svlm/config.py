@@ -71,6 +71,10 @@ class DataConfig:
             raise ConfigError("data.val_file and data.val_fraction both set: use one (set data.val_file=null)")
         if self.max_len < 8:
             raise ConfigError(f"data.max_len must be at least 8, got {self.max_len}")
+        if self.kind == "shapes":  # the generator's own checks, at start
+            from svlm.data.shapes import ShapesSpec
+
+            ShapesSpec(self.n_train, self.n_val, self.n_test, self.image_size, self.max_shapes, tuple(self.languages))
 
 
 @dataclass

@@ -31,6 +31,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from svlm.errors import ConfigError
+
 VERSION = 4  # bump when the drawing or the wording changes: the cache key includes it
 
 COLOURS = {  # name: (Chinese, RGB)
@@ -75,18 +77,14 @@ class ShapesSpec:
     def __post_init__(self) -> None:
         self.languages = tuple(self.languages)
         if not 1 <= self.max_shapes <= 4:
-            raise ValueError(
-                f"data.shapes.max_shapes must be between 1 and 4 (one shape a quadrant), got {self.max_shapes}"
-            )
+            raise ConfigError(f"data.max_shapes must be between 1 and 4 (one shape a quadrant), got {self.max_shapes}")
         bad = [lang for lang in self.languages if lang not in ("en", "zh")]
         if bad or not self.languages:
-            raise ValueError(
-                f"data.shapes.languages must be a non-empty list of 'en' and 'zh', got {list(self.languages)}"
-            )
+            raise ConfigError(f"data.languages must be a non-empty list of 'en' and 'zh', got {list(self.languages)}")
         if self.image_size < 32:
-            raise ValueError(f"data.shapes.image_size must be at least 32, got {self.image_size}")
+            raise ConfigError(f"data.image_size must be at least 32, got {self.image_size}")
         if min(self.n_train, self.n_val, self.n_test) < 1:
-            raise ValueError("data.shapes.n_train, n_val and n_test must all be at least 1")
+            raise ConfigError("data.n_train, data.n_val and data.n_test must all be at least 1")
 
     def key(self) -> str:
         blob = json.dumps({"version": VERSION, **asdict(self)}, sort_keys=True)
