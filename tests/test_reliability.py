@@ -230,3 +230,16 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, cache_dir, s
 
 def test_data_overrides_are_small():
     assert "data.n_train=64" in DATA_OVERRIDES  # the subprocess tests rely on the tiny data set
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"optimizer": _Evil()}, tmp_path / TRAINER_STATE)
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl|global"):
+        load_trainer_state(tmp_path)
+    assert not (tmp_path / "pwned").exists()

@@ -301,6 +301,11 @@ def run_stage(
     )
     if bad.total:
         accelerator.print(f"[{stage.name}] {bad.summary()}")
+    if train_ds.truncated:
+        accelerator.print(
+            f"[{stage.name}] {len(train_ds.truncated)} sample(s) cut to data.max_len={max_len} "
+            f"(their image and some answers fit), e.g. {train_ds.truncated[0]}"
+        )
     log = MetricsLog(stage_dir / "metrics.jsonl", cfg, stage.name, main)
 
     def batches():  # endless: a new order each pass over the data; pos says where it stands
@@ -405,8 +410,16 @@ def run_stage(
     if main:
         (stage_dir / "bad_samples.json").write_text(
             json.dumps(
-                {"total": bad.total, "counts": dict(bad.counts), "examples": bad.examples}, indent=2, ensure_ascii=False
-            )
+                {
+                    "total": bad.total,
+                    "counts": dict(bad.counts),
+                    "examples": bad.examples,
+                    "truncated": len(train_ds.truncated),
+                    "truncated_examples": train_ds.truncated[:5],
+                },
+                indent=2,
+                ensure_ascii=False,
+            )  # fmt: skip
         )
         _save(raw, tokenizer, out_dir, cfg, stage, key, total, val, finished=True)
         accelerator.print(f"[{stage.name}] done in {time.time() - t0:.0f}s; model saved to {out_dir}")
