@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from svlm.checkpoint import is_model_folder, load_model, model_key, resolve_model, save_model
 from svlm.config import ConfigError, HardwareConfig, StageConfig, TrainConfig, build
-from svlm.data.chat import ChatEncoder
+from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.dataset import Collator
 from svlm.data.formats import BadSamples, DataError
 from svlm.data.source import data_root, load_splits, split_file
@@ -54,7 +54,9 @@ from svlm.training.state import (
 # ------------------------------------------------------------------- hardware
 
 
-def make_accelerator(hw: HardwareConfig) -> Accelerator:
+def make_accelerator(hw: HardwareConfig, find_unused_parameters: bool = False) -> Accelerator:
+    """find_unused_parameters: for DDP when some parameters may get no gradient in a
+    step (mixture-of-experts experts no token was routed to)."""
     if hw.threads:
         torch.set_num_threads(hw.threads)
     cuda = torch.cuda.is_available() and hw.device != "cpu"
@@ -63,7 +65,8 @@ def make_accelerator(hw: HardwareConfig) -> Accelerator:
     precision = hw.precision
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    return Accelerator(cpu=not cuda, mixed_precision={"fp32": "no"}.get(precision, precision))
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+    return Accelerator(cpu=not cuda, mixed_precision={"fp32": "no"}.get(precision, precision), kwargs_handlers=[ddp])
 
 
 class EpochSampler(Sampler[int]):
@@ -284,12 +287,11 @@ def run_stage(
             accelerator.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         pos.update(state["position"])
-        if state["world"] != world or state["micro"] != micro:
-            raise ConfigError(
-                f"resume={str(resume)!r} was written with {state['world']} process(es) x micro-batch "
-                f"{state['micro']}; this run has {world} x {micro}: resume with the same hardware settings"
-            )
-        sampler.start_at(pos["epoch"], pos["batch"] * micro * world)
+        # The data position is kept in samples, so a run may resume with another
+        # number of processes or micro-batch (stage.batch_size stays the same).
+        done_in_epoch = pos.pop("samples_in_epoch")
+        pos["batch"] = done_in_epoch // (micro * world)
+        sampler.start_at(pos["epoch"], done_in_epoch)
         if main:
             truncate_metrics(stage_dir / "metrics.jsonl", pos["step"])
 
@@ -324,7 +326,7 @@ def run_stage(
             "scheduler": scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "rng": rng_state(),
-            "position": dict(pos),
+            "position": {**pos, "samples_in_epoch": pos["batch"] * micro * world},
             "world": world,
             "micro": micro,
         }
@@ -340,16 +342,24 @@ def run_stage(
     t0, seen0 = time.time(), pos["seen"]
     val: dict = {}
     while pos["step"] < total:
-        step_loss = 0.0
-        for micro_step in range(accum):
-            batch = next(stream)
+        # The loss is the mean over every supervised token of the optimizer step,
+        # across accumulation and processes, whatever the micro-batch split: so
+        # 2 processes x b samples train exactly like 1 process x 2b.
+        micro_batches = [next(stream) for _ in range(accum)]
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
+        step_tokens = max(1, int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum")))
+        ce_sum = torch.zeros((), device=accelerator.device)
+        for micro_step, batch in enumerate(micro_batches):
             sync = micro_step == accum - 1
             with accelerator.no_sync(model) if not sync else nullcontext():
                 with accelerator.autocast():
                     out = model(batch["input_ids"], batch["pixel_values"], batch["labels"])
-                accelerator.backward(out.loss / accum)
-            step_loss += float(out.ce_loss.detach()) / accum
+                # DDP averages gradients over processes: scale by `world` to get the global token mean.
+                loss = out.ce_loss * (out.n_tokens * world / step_tokens) + (out.loss - out.ce_loss) / accum
+                accelerator.backward(loss)
+            ce_sum += out.ce_loss.detach() * out.n_tokens
             pos["seen"] += batch["input_ids"].shape[0] * world
+        step_loss = float(accelerator.reduce(ce_sum, "sum")) / step_tokens
         grad_norm = accelerator.clip_grad_norm_(trainable, stage.grad_clip if stage.grad_clip > 0 else float("inf"))
         pos["step"] += 1
         done = pos["step"]
@@ -506,7 +516,7 @@ def train(cfg: TrainConfig) -> list[Path]:
         cfg, chosen = load_resumed_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(cfg.hardware)
+    accelerator = make_accelerator(cfg.hardware, find_unused_parameters=cfg.model.lm.mlp == "moe")
     if accelerator.is_main_process and not (run_dir / "config.yaml").is_file():
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg))))
     stages = cfg.stages()
@@ -530,13 +540,14 @@ def train(cfg: TrainConfig) -> list[Path]:
         for stage in stages:
             stage_dir = run_dir / stage.name
             finished = stage_dir / "model"
-            if is_model_folder(finished):  # done before the run was stopped
+            chosen_here = chosen is not None and chosen.parents[1] == stage_dir
+            if is_model_folder(finished) and not chosen_here:  # done before the run was stopped
                 accelerator.print(f"[{stage.name}] already finished: {finished}")
                 init = finished
                 results.append(init)
                 continue
             resume = None
-            if chosen is not None and chosen.parents[1] == stage_dir:
+            if chosen_here:  # a checkpoint named by resume=<checkpoint>
                 resume = chosen
             elif resuming and checkpoints(stage_dir):
                 resume = checkpoints(stage_dir)[-1]

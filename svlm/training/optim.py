@@ -16,6 +16,7 @@ def set_trainable(model: VLM, stage: StageConfig, fresh: bool = False) -> list[s
     left frozen (at random init when the model is `fresh`)."""
     model.requires_grad_(False)
     model.vision.requires_grad_(stage.train_vision)
+    model.vision.dinov2.embeddings.mask_token.requires_grad_(False)  # only for masked pixels: never used here
     model.freeze_vision = not stage.train_vision
     model.projector.requires_grad_(stage.train_projector)
     lm = model.lm
