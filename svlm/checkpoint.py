@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_file
 from safetensors.torch import save_model as save_safetensors
 from transformers import Dinov2Config
 
@@ -35,17 +36,33 @@ def model_key(model_cfg: dict) -> str:
 
 
 def save_model(
-    folder: str | os.PathLike, model: VLM, tokenizer, meta: dict, extra: dict[str, object] | None = None
+    folder: str | os.PathLike,
+    model: VLM,
+    tokenizer,
+    meta: dict,
+    extra: dict[str, object] | None = None,
+    extra_dirs: dict[str, Path] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a model folder atomically. `extra` maps file names to objects saved
-    with torch.save in the same folder (the trainer state of a checkpoint)."""
+    with torch.save in the same folder (the trainer state of a checkpoint);
+    `extra_dirs` maps names to folders moved into it; `state_dict` holds the
+    weights when the model's own are sharded over processes (FSDP, DeepSpeed)."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name, obj in (extra or {}).items():
         torch.save(obj, tmp / name)
-    save_safetensors(model, str(tmp / "model.safetensors"))
+    for name, src in (extra_dirs or {}).items():
+        shutil.move(str(src), str(tmp / name))
+    if state_dict is None:
+        save_safetensors(model, str(tmp / "model.safetensors"))
+    else:  # one copy of tied weights, as save_safetensors would keep
+        tied = model.lm.lm_head.weight is model.lm.embed_tokens.weight
+        weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()
+                   if not (tied and k == "lm.lm_head.weight")}  # fmt: skip
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
     model.vision.dinov2.config.to_json_file(tmp / "vision_config.json")
     tokenizer.save_pretrained(tmp)

@@ -158,6 +158,18 @@ class HardwareConfig:
     grad_checkpointing: bool = False
     num_workers: int = 0
     threads: int | None = None  # torch CPU threads; None: torch's default
+    # The engine when launched with several processes (accelerate launch / torchrun):
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    zero_stage: int = 2  # deepspeed: 2 shards optimizer states and gradients, 3 also parameters
+    offload: bool = False  # deepspeed: optimizer states (and with zero_stage 3, parameters) in CPU memory
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"hardware.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
+        if self.offload and self.distributed != "deepspeed":
+            raise ConfigError("hardware.offload=true needs hardware.distributed=deepspeed")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"hardware.micro_batch_size must be positive, got {self.micro_batch_size}")
 
 
 @dataclass

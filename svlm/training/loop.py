@@ -25,7 +25,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import (
+    DeepSpeedPlugin,
+    DistributedDataParallelKwargs,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    set_seed,
+)
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
@@ -42,6 +48,7 @@ from svlm.models.vlm import VLM, VLMConfig
 from svlm.tokenizer import tokenizer_for_data
 from svlm.training.optim import lr_factor, make_optimizer, set_trainable
 from svlm.training.state import (
+    ENGINE_STATE,
     TRAINER_STATE,
     checkpoints,
     is_checkpoint,
@@ -54,19 +61,48 @@ from svlm.training.state import (
 # ------------------------------------------------------------------- hardware
 
 
-def make_accelerator(hw: HardwareConfig, find_unused_parameters: bool = False) -> Accelerator:
-    """find_unused_parameters: for DDP when some parameters may get no gradient in a
+def accelerator_kwargs(hw: HardwareConfig, find_unused_parameters: bool = False) -> dict:
+    """What `Accelerator(...)` gets for a hardware config: device, precision, and
+    the engine (DDP, FSDP or DeepSpeed) used when launched with several processes.
+    find_unused_parameters: for DDP when some parameters may get no gradient in a
     step (mixture-of-experts experts no token was routed to)."""
-    if hw.threads:
-        torch.set_num_threads(hw.threads)
     cuda = torch.cuda.is_available() and hw.device != "cpu"
     if hw.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("hardware.device=cuda but no CUDA GPU is available (use hardware=cpu or hardware=auto)")
     precision = hw.precision
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
-    return Accelerator(cpu=not cuda, mixed_precision={"fp32": "no"}.get(precision, precision), kwargs_handlers=[ddp])
+    kwargs: dict = {
+        "cpu": not cuda,
+        "mixed_precision": {"fp32": "no"}.get(precision, precision),
+        "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+    }
+    if hw.distributed == "fsdp":
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            reshard_after_forward=True,  # full sharding: parameters, gradients and optimizer states
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=FSDP_WRAP,  # one unit per LM block and per DINOv2 layer
+            state_dict_type="FULL_STATE_DICT",
+            cpu_ram_efficient_loading=False,
+        )
+    elif hw.distributed == "deepspeed":
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
+            zero_stage=hw.zero_stage,
+            offload_optimizer_device="cpu" if hw.offload else "none",
+            offload_param_device="cpu" if hw.offload and hw.zero_stage == 3 else "none",
+            zero3_save_16bit_model=False,
+        )
+    return kwargs
+
+
+FSDP_WRAP = ["Block", "Dinov2Layer"]
+
+
+def make_accelerator(hw: HardwareConfig, find_unused_parameters: bool = False) -> Accelerator:
+    if hw.threads:
+        torch.set_num_threads(hw.threads)
+    return Accelerator(**accelerator_kwargs(hw, find_unused_parameters))
 
 
 class EpochSampler(Sampler[int]):
@@ -269,6 +305,15 @@ def run_stage(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, stage.warmup, stage.min_lr_ratio)
     )
+    # FSDP and DeepSpeed shard weights and optimizer states over the processes
+    # (on a GPU; on the CPU accelerate runs DDP whatever the plugin).
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:  # the engine accumulates and clips itself: tell it this stage's numbers
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config["gradient_accumulation_steps"] = accum
+        ds_config["gradient_clipping"] = stage.grad_clip
+        ds_config["train_micro_batch_size_per_gpu"] = micro
     # The scheduler counts optimizer steps itself: not prepared (accelerate would
     # step it once per process).
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -281,7 +326,10 @@ def run_stage(
     pos = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "window_loss": 0.0, "window_n": 0, "bad_in_a_row": 0}
     if resume is not None:
         state = load_trainer_state(resume)
-        optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] is None:  # sharded: each process's part, saved by accelerate
+            accelerator.load_state(str(resume / ENGINE_STATE))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state["scaler"])
@@ -322,7 +370,7 @@ def run_stage(
     def save_checkpoint(step: int) -> Path:
         folder = stage_dir / "checkpoints" / f"step-{step:07d}"
         state = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": None if sharded else optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "rng": rng_state(),
@@ -330,8 +378,15 @@ def run_stage(
             "world": world,
             "micro": micro,
         }
+        weights = accelerator.get_state_dict(model) if sharded else None  # gathered: every process takes part
+        extra_dirs = {}
+        if sharded:  # every process writes its shard of the optimizer state
+            engine = stage_dir / "checkpoints" / f".engine-{step:07d}"
+            accelerator.save_state(str(engine))
+            extra_dirs[ENGINE_STATE] = engine
         if main:
-            _save(raw, tokenizer, folder, cfg, stage, key, step, val, finished=False, extra={TRAINER_STATE: state})
+            _save(raw, tokenizer, folder, cfg, stage, key, step, val, finished=False,
+                  extra={TRAINER_STATE: state}, extra_dirs=extra_dirs, state_dict=weights)  # fmt: skip
             prune(stage_dir, stage.keep_last)
         accelerator.wait_for_everyone()
         return folder
@@ -356,14 +411,15 @@ def run_stage(
                     out = model(batch["input_ids"], batch["pixel_values"], batch["labels"])
                 # DDP averages gradients over processes: scale by `world` to get the global token mean.
                 loss = out.ce_loss * (out.n_tokens * world / step_tokens) + (out.loss - out.ce_loss) / accum
-                accelerator.backward(loss)
+                accelerator.backward(loss * accum if deepspeed else loss)  # DeepSpeed divides by accum itself
             ce_sum += out.ce_loss.detach() * out.n_tokens
             pos["seen"] += batch["input_ids"].shape[0] * world
         step_loss = float(accelerator.reduce(ce_sum, "sum")) / step_tokens
         grad_norm = accelerator.clip_grad_norm_(trainable, stage.grad_clip if stage.grad_clip > 0 else float("inf"))
+        grad_norm = float(grad_norm) if grad_norm is not None else 0.0  # None: DeepSpeed clips in its engine
         pos["step"] += 1
         done = pos["step"]
-        if math.isfinite(step_loss) and math.isfinite(float(grad_norm)):
+        if math.isfinite(step_loss) and math.isfinite(grad_norm):
             optimizer.step()
             pos["bad_in_a_row"] = 0
             pos["window_loss"] += step_loss
@@ -392,7 +448,7 @@ def run_stage(
                 "train/ppl": math.exp(min(loss, 50)),
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/aux_loss": float((out.loss - out.ce_loss).detach()),
-                "train/grad_norm": float(grad_norm),
+                "train/grad_norm": grad_norm,
                 "samples_per_s": (pos["seen"] - seen0) / (time.time() - t0),
             }
             log.log(record)
@@ -417,6 +473,7 @@ def run_stage(
     log.close()
     accelerator.wait_for_everyone()
     out_dir = stage_dir / "model"
+    weights = accelerator.get_state_dict(model) if sharded else None
     if main:
         (stage_dir / "bad_samples.json").write_text(
             json.dumps(
@@ -431,7 +488,7 @@ def run_stage(
                 ensure_ascii=False,
             )  # fmt: skip
         )
-        _save(raw, tokenizer, out_dir, cfg, stage, key, total, val, finished=True)
+        _save(raw, tokenizer, out_dir, cfg, stage, key, total, val, finished=True, state_dict=weights)
         accelerator.print(f"[{stage.name}] done in {time.time() - t0:.0f}s; model saved to {out_dir}")
     accelerator.wait_for_everyone()
     return out_dir
@@ -457,7 +514,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _save(model, tokenizer, folder, cfg, stage, key, step, val, finished, extra=None):
+def _save(model, tokenizer, folder, cfg, stage, key, step, val, finished, extra=None, extra_dirs=None, state_dict=None):
     meta = {
         "stage": stage.name,
         "model": cfg.model.name,
@@ -469,7 +526,7 @@ def _save(model, tokenizer, folder, cfg, stage, key, step, val, finished, extra=
         "finished": finished,
         "metrics": val,
     }
-    save_model(folder, model, tokenizer, meta, extra)
+    save_model(folder, model, tokenizer, meta, extra, extra_dirs, state_dict)
 
 
 # ------------------------------------------------------------------------ train

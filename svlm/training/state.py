@@ -22,6 +22,7 @@ import torch
 from svlm.checkpoint import MODEL_FILES
 
 TRAINER_STATE = "trainer_state.pt"
+ENGINE_STATE = "engine_state"  # FSDP / DeepSpeed: each process's optimizer shard (accelerate's save_state)
 
 
 def rng_state() -> dict:
