@@ -306,3 +306,16 @@ def test_multirun(tmp_path, cache_dir, shapes_root):
         assert (job / "stage1" / "model" / "model.safetensors").is_file()
         lrs.append(yaml.safe_load((job / "config.yaml").read_text())["stage"]["lr"])
     assert lrs == [1e-4, 3e-4]
+    # the sweep ends with its report: a table of the jobs and their loss curves
+    assert "| 0 | stage.lr=0.0001 |" in r.stdout and "| 1 | stage.lr=0.0003 |" in r.stdout
+    rows = json.loads((sweep / "report.json").read_text())
+    assert [row["overrides"] for row in rows] == ["stage.lr=0.0001", "stage.lr=0.0003"]
+    assert all(row["stage1/steps"] == 2 and row["stage1/finished"] for row in rows)
+    assert (sweep / "loss_curves.png").stat().st_size > 10_000 and "report.md" in {p.name for p in sweep.iterdir()}
+
+
+def test_report_command_errors(tmp_path):
+    from svlm.report import main as report_main
+
+    assert report_main([str(tmp_path / "nowhere")]) == 2
+    assert report_main([str(tmp_path)]) == 2  # no job folders

@@ -1,0 +1,140 @@
+"""Compare the jobs of a sweep:
+
+    python -m svlm.report outputs/multirun/<time>
+
+prints a table of every job's overrides and final metrics, and writes
+`report.md`, `report.json` and `loss_curves.png` (train and validation loss of
+every job, overlaid, one panel a stage) into the sweep folder. A multirun
+(`python train.py -m ...`) does this by itself when its last job ends.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+from hydra.experimental.callback import Callback
+
+STAGES = ("stage1", "stage2")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def job_summary(job: Path) -> dict:
+    overrides_file = job / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    row: dict = {"job": job.name, "overrides": overrides or []}
+    for stage in STAGES:
+        metrics = read_metrics(job / stage / "metrics.jsonl")
+        train = [m for m in metrics if "train/loss" in m]
+        val = [m for m in metrics if "val/loss" in m]
+        if train:
+            row[f"{stage}/steps"] = train[-1]["step"]
+            row[f"{stage}/train_loss"] = train[-1]["train/loss"]
+        if val:
+            row[f"{stage}/val_loss"] = val[-1]["val/loss"]
+            row[f"{stage}/val_exact"] = val[-1].get("val/exact")
+        row[f"{stage}/finished"] = (job / stage / "model" / "model.safetensors").is_file() if train else None
+    return row
+
+
+def jobs_of(sweep: Path) -> list[Path]:
+    jobs = [p for p in sweep.iterdir() if p.is_dir() and (p / ".hydra").is_dir()]
+    return sorted(jobs, key=lambda p: (len(p.name), p.name))
+
+
+def table(rows: list[dict]) -> str:
+    columns = ["job", "overrides"] + [
+        c for c in dict.fromkeys(k for r in rows for k in r) if c not in ("job", "overrides") and "finished" not in c
+    ]
+
+    def cell(v) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(sweep: Path, jobs: list[Path], rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in STAGES if any(f"{s}/train_loss" in r for r in rows)]
+    fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(6 * max(1, len(stages)), 4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        for i, (job, row) in enumerate(zip(jobs, rows)):
+            metrics = read_metrics(job / stage / "metrics.jsonl")
+            colour = f"C{i % 10}"
+            train = [(m["step"], m["train/loss"]) for m in metrics if "train/loss" in m]
+            val = [(m["step"], m["val/loss"]) for m in metrics if "val/loss" in m]
+            label = row["overrides"] or f"job {row['job']}"
+            if train:
+                ax.plot(*zip(*train), color=colour, label=label, linewidth=1.2, marker="." if len(train) < 5 else None)
+            if val:
+                ax.plot(*zip(*val), color=colour, linestyle="--", marker="o", markersize=3)
+        ax.set_title(f"{stage} (solid: train, dashed: validation)")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(str(sweep), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def report(sweep: str | Path) -> dict:
+    sweep = Path(sweep)
+    if not sweep.is_dir():
+        raise FileNotFoundError(f"{sweep}: no such sweep folder")
+    jobs = jobs_of(sweep)
+    if not jobs:
+        raise FileNotFoundError(f"{sweep}: no job folders (with .hydra/) in it")
+    rows = [job_summary(j) for j in jobs]
+    # What the jobs share is said once; each row shows what it changed.
+    common = [o for o in rows[0]["overrides"] if all(o in r["overrides"] for r in rows)]
+    for r in rows:
+        r["overrides"] = " ".join(o for o in r["overrides"] if o not in common)
+    text = (f"common overrides: {' '.join(common) or '(none)'}\n\n" if len(rows) > 1 else "") + table(rows)
+    (sweep / "report.md").write_text(f"# Sweep {sweep}\n\n{text}\n\n![loss curves](loss_curves.png)\n")
+    (sweep / "report.json").write_text(json.dumps(rows, indent=2))
+    plot(sweep, jobs, rows, sweep / "loss_curves.png")
+    print(text)
+    print(f"\nreport: {sweep / 'report.md'}, curves: {sweep / 'loss_curves.png'}")
+    return {"rows": rows, "png": sweep / "loss_curves.png"}
+
+
+class SweepReport(Callback):
+    """Hydra callback: the report of a multirun, when its last job has ended."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        try:
+            report(config.hydra.sweep.dir)
+        except FileNotFoundError as e:
+            print(f"no sweep report: {e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    try:
+        report(args[0])
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
