@@ -40,6 +40,19 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One file of a mixture (data.sources): drawn in proportion to its weight."""
+
+    file: str  # under data.root; "{task}" becomes the stage's task
+    weight: float = 1.0
+    image_dir: str | None = None  # None: data.image_dir
+
+    def __post_init__(self) -> None:
+        if self.weight <= 0:
+            raise ConfigError(f"data.sources: the weight of {self.file} must be positive, got {self.weight}")
+
+
+@dataclass
 class DataConfig:
     name: str = "shapes"
     kind: Literal["shapes", "files"] = "shapes"  # shapes: generated here; files: your jsonl/json
@@ -51,6 +64,12 @@ class DataConfig:
     val_file: str | None = "{task}_val.jsonl"  # None: hold out val_fraction of the training file
     test_file: str | None = "sft_test.jsonl"  # questions scored by exact match in eval.py
     val_fraction: float = 0.0  # used when val_file is None
+    # Several training files mixed by weight instead of train_file, e.g.
+    # [{file: a.jsonl, weight: 3}, {file: b.json, weight: 1, image_dir: b_images}]
+    sources: list[SourceConfig] = field(default_factory=list)
+    # Read jsonl records one at a time through a cached line index instead of
+    # encoding every record at start: auto = for files over 100 MB.
+    lazy: Literal["auto", "always", "never"] = "auto"
     max_len: int = 512  # tokens, image placeholders included (the original's --fixed_len)
     shuffle: bool = True  # a new order every epoch; false: file order
     on_error: Literal["skip", "raise"] = "skip"  # a bad sample: reported and skipped, or fatal

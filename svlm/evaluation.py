@@ -17,7 +17,7 @@ from svlm.checkpoint import load_model, resolve_model
 from svlm.config import ConfigError, DataConfig, EvalConfig, build
 from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.dataset import ChatDataset, Collator
-from svlm.data.formats import BadSamples
+from svlm.data.formats import BadSamples, DataError
 from svlm.data.source import data_root, image_dir, load_splits, split_file
 from svlm.generation import autocast_for, generate, pick_device
 from svlm.models.vision import ImageProcessor
@@ -78,9 +78,13 @@ def answer_accuracy(
     little for long answers."""
     device = next(model.parameters()).device
     items = []
-    for index, ex in enumerate(ds.examples):
+    for index in range(len(ds)):
         if limit is not None and len(items) >= limit:
             break
+        try:
+            ex = ds.example(index)
+        except DataError:  # reported where the data set was loaded
+            continue
         start = next(i for i, lab in enumerate(ex.labels) if lab != IGNORE)  # first answer token
         end = ex.labels.index(encoder.end_id, start) if encoder.end_id in ex.labels[start:] else len(ex.labels)
         if end - start > max_answer_tokens:
@@ -93,7 +97,11 @@ def answer_accuracy(
     for group in by_len.values():
         for first in range(0, len(group), batch_size):
             chunk = group[first : first + batch_size]
-            pixels = [px for it in chunk if (px := ds[it["index"]]["pixel_values"]) is not None]
+            fetched = [ds[it["index"]] for it in chunk]
+            chunk = [it for it, f in zip(chunk, fetched) if f is not None]  # an unreadable image: skipped
+            if not chunk:
+                continue
+            pixels = [f["pixel_values"] for f in fetched if f is not None and f["pixel_values"] is not None]
             input_ids = torch.tensor([it["ids"] for it in chunk], device=device)
             pixel_values = torch.stack(pixels).to(device) if pixels else None
             outs = generate(model, input_ids, pixel_values, encoder.end_id, max_new_tokens)
@@ -102,7 +110,9 @@ def answer_accuracy(
     totals, hits = defaultdict(int), defaultdict(int)
     predictions = []
     for it in items:
-        ex = ds.examples[it["index"]]
+        if "answer" not in it:
+            continue
+        ex = ds.example(it["index"])
         ok = normalize(it["answer"]) == normalize(it["reference"])
         keys = ["all"] + [f"{k}/{ex.meta[k]}" for k in ("lang", "type") if k in ex.meta]
         for k in keys:

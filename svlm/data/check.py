@@ -24,7 +24,7 @@ from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.dataset import ChatDataset
 from svlm.data.formats import BadSamples, DataError
 from svlm.data.images import open_image
-from svlm.data.source import data_root, image_dir, split_file
+from svlm.data.source import data_root, image_dir, split_file, train_files
 from svlm.errors import ConfigError
 from svlm.models.projector import count_tokens
 from svlm.models.vision import sync_with_checkpoint
@@ -77,24 +77,31 @@ def check_file(path: Path, images: Path, encoder: ChatEncoder, max_len: int) -> 
 def check(cfg: TrainConfig) -> dict:
     root = data_root(cfg.data, cfg.paths.cache)
     tasks = list(dict.fromkeys(s.task for s in cfg.stages()))
-    first_train = split_file(cfg.data, root, "train", tasks[0])
-    tokenizer = tokenizer_for_data(cfg.tokenizer, [first_train])
+    tokenizer = tokenizer_for_data(cfg.tokenizer, train_files(cfg.data, root, tasks[0]))
     vision = sync_with_checkpoint(cfg.model.vision) if cfg.model.vision.path else cfg.model.vision
     grid = vision.image_size // vision.patch_size
     encoder = ChatEncoder(tokenizer, count_tokens(cfg.model.projector, grid * grid + vision.use_cls))
     max_len = min(cfg.data.max_len, cfg.model.lm.max_seq_len)
     reports = []
     for task in tasks:
-        for split in ("train", "val", "test"):
+        paths = [(p, image_dir(cfg.data, root, task)) for p in train_files(cfg.data, root, task)]
+        for src in cfg.data.sources:  # a source may have its own image folder
+            if src.image_dir:
+                i = [str(p) for p, _ in paths].index(str(root / src.file.replace("{task}", task)))
+                paths[i] = (paths[i][0], root / src.image_dir.replace("{task}", task))
+        for split in ("val", "test"):
             try:
                 path = split_file(cfg.data, root, split, task)
             except ConfigError as e:
-                if split == "train":
-                    raise
                 print(f"note: {e}")
                 continue
-            if path is not None and str(path) not in {r["file"] for r in reports}:
-                reports.append(check_file(path, image_dir(cfg.data, root, task), encoder, max_len))
+            if path is not None:
+                paths.append((path, image_dir(cfg.data, root, task)))
+        for path, images in paths:
+            if not path.is_file():
+                raise ConfigError(f"data: {path} does not exist")
+            if str(path) not in {r["file"] for r in reports}:
+                reports.append(check_file(path, images, encoder, max_len))
     return {"data": cfg.data.name, "root": str(root), "max_len": max_len,
             "image_tokens": encoder.num_image_tokens, "files": reports}  # fmt: skip
 

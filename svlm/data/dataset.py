@@ -7,11 +7,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from svlm.data.chat import IGNORE, IMAGE_TOKEN, ChatEncoder
-from svlm.data.formats import BadSamples, DataError, Record, read_records
+from svlm.data.formats import BadSamples, DataError, Record, RecordReader, line_index, read_records
 from svlm.data.images import open_image
 from svlm.models.vision import ImageProcessor
 
@@ -25,7 +26,40 @@ class Example:
     meta: dict
 
 
+def encode_record(rec: Record, encoder: ChatEncoder, image_dir: Path, max_len: int) -> tuple[Example, bool]:
+    """A record -> (Example, whether it was cut to max_len); a DataError when it cannot be used."""
+    n_images = sum(c.count(IMAGE_TOKEN) for r, c in rec.turns)
+    image = None
+    if rec.image is not None:
+        if n_images > 1:
+            raise DataError(rec.where, "too many <image>", f"{n_images} <image> tags for one image")
+        turns = rec.turns
+        if n_images == 0:  # an image with no tag: it goes before the first user text
+            first = next(i for i, (r, _) in enumerate(turns) if r == "user")
+            turns = [*turns[:first], ("user", f"{IMAGE_TOKEN}\n{turns[first][1]}"), *turns[first + 1 :]]
+        rec = Record(turns, rec.image, rec.where, rec.meta)
+        image = image_dir / rec.image
+        if not image.is_file():
+            raise DataError(rec.where, "missing image", str(image))
+    elif n_images:
+        raise DataError(rec.where, "missing image", "<image> in the text but no 'image' key")
+    ids, labels = encoder.encode(rec.turns)
+    cut = len(ids) > max_len
+    if cut:
+        slots = [i for i, t in enumerate(ids) if t == encoder.image_id]
+        if slots and slots[-1] >= max_len:
+            raise DataError(rec.where, "too long", f"{len(ids)} tokens and the image ends past max_len={max_len}")
+        ids, labels = ids[:max_len], labels[:max_len]
+        if all(lab == IGNORE for lab in labels[1:]):
+            raise DataError(rec.where, "too long", f"no answer left within max_len={max_len}")
+    if all(lab == IGNORE for lab in labels[1:]):
+        raise DataError(rec.where, "no supervised token", "nothing to learn")
+    return Example(ids, labels, image, rec.where, rec.meta), cut
+
+
 class ChatDataset(Dataset):
+    """Every record encoded up front (files that fit in memory); images load lazily."""
+
     def __init__(
         self,
         files: list[str | os.PathLike],
@@ -45,47 +79,23 @@ class ChatDataset(Dataset):
         for f in files:
             for rec in read_records(f, on_error=on_error, bad=self.bad):
                 try:
-                    self.examples.append(self._encode(rec))
+                    example, cut = encode_record(rec, encoder, self.image_dir, max_len)
                 except DataError as e:
                     if on_error == "raise":
                         raise
                     self.bad.add(e)
+                    continue
+                self.examples.append(example)
+                if cut:
+                    self.truncated.append(rec.where)
         if not self.examples:
             raise ValueError(f"no usable sample in {[str(f) for f in files]}\n{self.bad.summary()}")
 
-    def _encode(self, rec: Record) -> Example:
-        n_images = sum(c.count(IMAGE_TOKEN) for r, c in rec.turns)
-        image = None
-        if rec.image is not None:
-            if n_images > 1:
-                raise DataError(rec.where, "too many <image>", f"{n_images} <image> tags for one image")
-            turns = rec.turns
-            if n_images == 0:  # an image with no tag: it goes before the first user text
-                first = next(i for i, (r, _) in enumerate(turns) if r == "user")
-                turns = [*turns[:first], ("user", f"{IMAGE_TOKEN}\n{turns[first][1]}"), *turns[first + 1 :]]
-            rec = Record(turns, rec.image, rec.where, rec.meta)
-            image = self.image_dir / rec.image
-            if not image.is_file():
-                raise DataError(rec.where, "missing image", str(image))
-        elif n_images:
-            raise DataError(rec.where, "missing image", "<image> in the text but no 'image' key")
-        ids, labels = self.encoder.encode(rec.turns)
-        if len(ids) > self.max_len:
-            slots = [i for i, t in enumerate(ids) if t == self.encoder.image_id]
-            if slots and slots[-1] >= self.max_len:
-                raise DataError(
-                    rec.where, "too long", f"{len(ids)} tokens and the image ends past max_len={self.max_len}"
-                )
-            ids, labels = ids[: self.max_len], labels[: self.max_len]
-            if all(lab == IGNORE for lab in labels[1:]):
-                raise DataError(rec.where, "too long", f"no answer left within max_len={self.max_len}")
-            self.truncated.append(rec.where)
-        if all(lab == IGNORE for lab in labels[1:]):
-            raise DataError(rec.where, "no supervised token", "nothing to learn")
-        return Example(ids, labels, image, rec.where, rec.meta)
-
     def __len__(self) -> int:
         return len(self.examples)
+
+    def example(self, i: int) -> Example:
+        return self.examples[i]
 
     def split(self, fraction: float, seed: int) -> tuple[ChatDataset, ChatDataset]:
         """(rest, held out): about `fraction` of the samples held out, the same ones for the same seed."""
@@ -111,6 +121,77 @@ class ChatDataset(Dataset):
                 self.bad.add(e)
                 return None
         return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
+
+
+class LazyChatDataset(Dataset):
+    """A jsonl file too large to encode up front: a line index (built once, cached
+    beside the file), and each record read, parsed and encoded when a batch needs
+    it. Bad records are found then: reported, counted, and skipped (None) or raised."""
+
+    def __init__(
+        self,
+        file: str | os.PathLike,
+        image_dir: str | os.PathLike,
+        encoder: ChatEncoder,
+        processor: ImageProcessor,
+        max_len: int,
+        on_error: str = "skip",
+        bad: BadSamples | None = None,
+    ) -> None:
+        self.encoder, self.processor, self.max_len = encoder, processor, max_len
+        self.image_dir = Path(image_dir)
+        self.on_error = on_error
+        self.bad = bad if bad is not None else BadSamples()
+        self.reader = RecordReader(file)
+        self.index = line_index(file)  # (N, 2): byte offset, line number
+        self.rows = np.arange(len(self.index))  # which lines this data set holds (a subset after split)
+        self.truncated: list[str] = []
+        self.fetched = 0
+        if not len(self.rows):
+            raise ValueError(f"no sample in {file}")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def example(self, i: int) -> Example:
+        offset, lineno = self.index[self.rows[i]]
+        example, cut = encode_record(self.reader.read(offset, lineno), self.encoder, self.image_dir, self.max_len)
+        if cut and len(self.truncated) < 1000:
+            self.truncated.append(example.where)
+        return example
+
+    def split(self, fraction: float, seed: int) -> tuple[LazyChatDataset, LazyChatDataset]:
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).numpy()
+        held = np.zeros(len(self), dtype=bool)
+        held[order[: max(1, round(fraction * len(self)))]] = True
+        rest, out = copy.copy(self), copy.copy(self)
+        rest.rows, out.rows = self.rows[~held], self.rows[held]
+        return rest, out
+
+    def __getitem__(self, i: int) -> dict | None:
+        self.fetched += 1
+        try:
+            ex = self.example(i)
+            pixels = self.processor(open_image(ex.image, ex.where)) if ex.image is not None else None
+        except DataError as e:
+            if self.on_error == "raise":
+                raise
+            self.bad.add(e)
+            return None
+        return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
+
+
+class MixedDataset(ConcatDataset):
+    """Several sources drawn in proportion to their weights (see WeightedEpochSampler)."""
+
+    def __init__(self, datasets: list[Dataset], weights: list[float]) -> None:
+        super().__init__(datasets)
+        self.sizes = [len(d) for d in datasets]
+        self.weights = list(weights)
+
+    def example(self, i: int) -> Example:
+        k = int(np.searchsorted(self.cumulative_sizes, i, side="right"))
+        return self.datasets[k].example(i - (self.cumulative_sizes[k - 1] if k else 0))
 
 
 class Collator:

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
 
@@ -131,3 +133,63 @@ def read_records(path: str | os.PathLike, on_error: str = "raise", bad: BadSampl
                 yield parse_record(obj, where)
             except DataError as e:
                 handle(e)
+
+
+# ------------------------------------------------------------- large jsonl files
+
+
+def line_index(path: str | os.PathLike) -> np.ndarray:
+    """(N, 2) int64 array of [byte offset, line number] of the non-empty lines of a
+    jsonl file, so records can be read one at a time. Built once and cached beside
+    the file (`.<name>.svlm-index.npz`); rebuilt when the file's size or time changes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    st = path.stat()
+    key = np.array([st.st_size, st.st_mtime_ns], dtype=np.int64)
+    cache = path.with_name(f".{path.name}.svlm-index.npz")
+    if cache.is_file():
+        try:
+            with np.load(cache) as z:
+                if np.array_equal(z["key"], key):
+                    return z["index"]
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable cache: rebuild it
+    rows = []
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                rows.append((offset, lineno))
+            offset += len(line)
+    index = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}.npz")
+    try:
+        np.savez(tmp, key=key, index=index)
+        tmp.replace(cache)
+    except OSError:  # a read-only data folder: keep the index in memory only
+        tmp.unlink(missing_ok=True)
+    return index
+
+
+class RecordReader:
+    """Reads single records of a jsonl file by byte offset (one file handle per process)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._handle = None
+        self._pid = None
+
+    def read(self, offset: int, lineno: int) -> Record:
+        if self._handle is None or self._pid != os.getpid():  # data-loader workers reopen
+            self._handle, self._pid = open(self.path, "rb"), os.getpid()
+        self._handle.seek(int(offset))
+        where = f"{self.path}:{int(lineno)}"
+        try:
+            obj = json.loads(self._handle.readline().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(where, "malformed JSON", str(e)) from e
+        return parse_record(obj, where)
+
+    def __getstate__(self) -> dict:  # picklable for worker processes: no open handle
+        return {"path": self.path, "_handle": None, "_pid": None}

@@ -39,9 +39,9 @@ from tqdm.auto import tqdm
 from svlm.checkpoint import is_model_folder, load_model, model_key, resolve_model, save_model
 from svlm.config import ConfigError, HardwareConfig, StageConfig, TrainConfig, build
 from svlm.data.chat import IGNORE, ChatEncoder
-from svlm.data.dataset import Collator
+from svlm.data.dataset import Collator, LazyChatDataset, MixedDataset
 from svlm.data.formats import BadSamples, DataError
-from svlm.data.source import data_root, load_splits, split_file
+from svlm.data.source import data_root, load_splits, train_files
 from svlm.evaluation import validate
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint
 from svlm.models.vlm import VLM, VLMConfig
@@ -106,11 +106,15 @@ def make_accelerator(hw: HardwareConfig, find_unused_parameters: bool = False) -
 
 
 class EpochSampler(Sampler[int]):
-    """A fresh permutation of the data each epoch, from (seed, epoch); file order
-    without shuffle. `start_at(epoch, skip)` resumes in the middle of an epoch."""
+    """A fresh order of the data each epoch, from (seed, epoch); file order without
+    shuffle. With `sizes` and `weights` (a MixedDataset), each source gives its
+    share of the epoch: weight / sum(weights) of all samples, repeating a small
+    source or taking part of a large one. `start_at(epoch, skip)` resumes in the
+    middle of an epoch."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, n: int, seed: int, shuffle: bool = True, sizes=None, weights=None) -> None:
         self.n, self.seed, self.epoch, self.shuffle = n, seed, 0, shuffle
+        self.sizes, self.weights = sizes, weights
         self.resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -119,19 +123,30 @@ class EpochSampler(Sampler[int]):
     def start_at(self, epoch: int, skip: int) -> None:
         self.resume = (epoch, skip)
 
+    def _order(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.sizes is None:
+            return torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        parts, start = [], 0
+        for size, weight in zip(self.sizes, self.weights):
+            take = round(self.n * weight / sum(self.weights))
+            cycles = [torch.randperm(size, generator=g) for _ in range(-(-take // size))]
+            parts.append(torch.cat(cycles)[:take] + start)
+            start += size
+        order = torch.cat(parts)
+        return order[torch.randperm(len(order), generator=g)] if self.shuffle else order
+
     def __iter__(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
+        order = self._order().tolist()
         if self.resume is not None and self.resume[0] == self.epoch:
             order = order[self.resume[1] :]
             self.resume = None
         return iter(order)
 
     def __len__(self) -> int:
-        return self.n
+        if self.sizes is None:
+            return self.n
+        return sum(round(self.n * w / sum(self.weights)) for w in self.weights)
 
 
 class StopRequested:
@@ -242,7 +257,7 @@ def run_stage(
     stage_dir = Path(cfg.paths.run_dir) / stage.name
     stage_dir.mkdir(parents=True, exist_ok=True)
     key = model_key(dataclasses.asdict(cfg.model))
-    train_file = split_file(cfg.data, root, "train", stage.task)
+    files = train_files(cfg.data, root, stage.task)
 
     start = resume or init
     if start is not None:
@@ -255,7 +270,7 @@ def run_stage(
             )
         accelerator.print(f"[{stage.name}] {'resuming' if resume else 'starting'} from {start}")
     else:
-        tokenizer = tokenizer_for_data(cfg.tokenizer, [train_file])
+        tokenizer = tokenizer_for_data(cfg.tokenizer, files)
         model = build_model(cfg, tokenizer)
     for w in set_trainable(model, stage, fresh=start is None):
         accelerator.print(f"[{stage.name}] note: {w}")
@@ -270,7 +285,10 @@ def run_stage(
     bad = BadSamples()
     max_len = min(cfg.data.max_len, model.cfg.lm.max_seq_len)
     train_ds, val_ds = load_splits(cfg.data, root, stage.task, encoder, processor, max_len, bad, cfg.seed)
-    check_bad_fraction(bad, len(train_ds) + (len(val_ds) if val_ds else 0), cfg.data.max_bad_fraction)
+    parts = train_ds.datasets if isinstance(train_ds, MixedDataset) else [train_ds]
+    lazy_parts = [d for d in parts if isinstance(d, LazyChatDataset)]
+    if not lazy_parts:  # every record was read: judge the data now
+        check_bad_fraction(bad, len(train_ds) + (len(val_ds) if val_ds else 0), cfg.data.max_bad_fraction)
 
     micro = cfg.hardware.micro_batch_size or stage.batch_size
     world = accelerator.num_processes
@@ -287,7 +305,9 @@ def run_stage(
     if stage.max_steps is not None:
         total = min(total, stage.max_steps)
 
-    sampler = EpochSampler(len(train_ds), cfg.seed, cfg.data.shuffle)
+    mixed = isinstance(train_ds, MixedDataset)
+    sampler = EpochSampler(len(train_ds), cfg.seed, cfg.data.shuffle, *(
+        (train_ds.sizes, train_ds.weights) if mixed else ()))  # fmt: skip
     loader = DataLoader(
         train_ds,
         batch_size=micro,
@@ -351,10 +371,11 @@ def run_stage(
     )
     if bad.total:
         accelerator.print(f"[{stage.name}] {bad.summary()}")
-    if train_ds.truncated:
+    truncated = [w for d in parts for w in d.truncated]
+    if truncated:
         accelerator.print(
-            f"[{stage.name}] {len(train_ds.truncated)} sample(s) cut to data.max_len={max_len} "
-            f"(their image and some answers fit), e.g. {train_ds.truncated[0]}"
+            f"[{stage.name}] {len(truncated)} sample(s) cut to data.max_len={max_len} "
+            f"(their image and some answers fit), e.g. {truncated[0]}"
         )
     log = MetricsLog(stage_dir / "metrics.jsonl", cfg, stage.name, main)
 
@@ -439,6 +460,10 @@ def run_stage(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.update(1)
+        if lazy_parts and done % stage.log_every == 0:  # lazily read data: bad samples show up as they come
+            fetched = sum(d.fetched for d in lazy_parts)
+            if fetched >= 200:
+                check_bad_fraction(bad, fetched - bad.total, cfg.data.max_bad_fraction)
         if (done % stage.log_every == 0 or done == total) and pos["window_n"]:
             loss = pos["window_loss"] / pos["window_n"]
             record = {
@@ -474,6 +499,7 @@ def run_stage(
     accelerator.wait_for_everyone()
     out_dir = stage_dir / "model"
     weights = accelerator.get_state_dict(model) if sharded else None
+    truncated = [w for d in parts for w in d.truncated]  # lazily read data adds to it while training
     if main:
         (stage_dir / "bad_samples.json").write_text(
             json.dumps(
@@ -481,8 +507,8 @@ def run_stage(
                     "total": bad.total,
                     "counts": dict(bad.counts),
                     "examples": bad.examples,
-                    "truncated": len(train_ds.truncated),
-                    "truncated_examples": train_ds.truncated[:5],
+                    "truncated": len(truncated),
+                    "truncated_examples": truncated[:5],
                 },
                 indent=2,
                 ensure_ascii=False,
