@@ -11,7 +11,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from accelerate import PartialState
+from torch.utils.data import DataLoader, Subset
 
 from svlm.checkpoint import load_model, resolve_model
 from svlm.config import ConfigError, DataConfig, EvalConfig, build
@@ -25,9 +27,27 @@ from svlm.models.vlm import VLM
 
 
 @torch.no_grad()
+def sum_over_processes(values: list[float]) -> list[float]:
+    """Sums of `values` over every process (the values themselves with one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def shard(ds, rank: int, world: int):
+    """Every world-th sample from rank on: processes share the work, no sample twice."""
+    return ds if world == 1 else Subset(ds, range(rank, len(ds), world))
+
+
 def validate(model: VLM, loader, autocast, max_batches: int | None = None) -> dict:
     """Mean loss over supervised tokens, perplexity, token accuracy, and the share
-    of samples whose every answer token is predicted right (teacher-forced)."""
+    of samples whose every answer token is predicted right (teacher-forced).
+    With several processes each reads its shard (see `shard`) and the sums are
+    added up over processes."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -47,6 +67,7 @@ def validate(model: VLM, loader, autocast, max_batches: int | None = None) -> di
         exact += int(((pred == labels) | ~mask).all(-1).sum())
         samples += labels.shape[0]
     model.train(was_training)
+    loss_sum, tokens, correct, exact, samples = sum_over_processes([loss_sum, tokens, correct, exact, samples])
     loss = loss_sum / max(tokens, 1)
     return {
         "val/loss": loss,
@@ -71,6 +92,8 @@ def answer_accuracy(
     max_new_tokens: int,
     limit: int | None,
     max_answer_tokens: int,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[dict, list[dict]]:
     """Greedy answers to the first question of each sample, compared with its
     first answer (exact match after normalising). Samples whose reference
@@ -90,6 +113,7 @@ def answer_accuracy(
         if end - start > max_answer_tokens:
             continue
         items.append({"index": index, "ids": ex.input_ids[:start], "reference": tokenizer.decode(ex.labels[start:end])})
+    items = items[rank::world]  # each process answers its share
     # Prompts of the same length form a batch: no padding, so batching changes nothing.
     by_len = defaultdict(list)
     for it in items:
@@ -107,37 +131,42 @@ def answer_accuracy(
             outs = generate(model, input_ids, pixel_values, encoder.end_id, max_new_tokens)
             for it, out in zip(chunk, outs):
                 it["answer"] = tokenizer.decode(out, skip_special_tokens=True)
-    totals, hits = defaultdict(int), defaultdict(int)
     predictions = []
     for it in items:
         if "answer" not in it:
             continue
         ex = ds.example(it["index"])
-        ok = normalize(it["answer"]) == normalize(it["reference"])
-        keys = ["all"] + [f"{k}/{ex.meta[k]}" for k in ("lang", "type") if k in ex.meta]
-        for k in keys:
-            totals[k] += 1
-            hits[k] += ok
         question = tokenizer.decode([t for t in it["ids"] if t != encoder.image_id], skip_special_tokens=True)
-        predictions.append(
-            {
-                "where": ex.where,
-                "prompt": question.strip(),
-                "reference": it["reference"],
-                "answer": it["answer"],
-                "correct": ok,
-            }
-        )
+        predictions.append({
+            "index": it["index"], "where": ex.where, "prompt": question.strip(), "reference": it["reference"],
+            "answer": it["answer"], "correct": normalize(it["answer"]) == normalize(it["reference"]),
+            "keys": ["all"] + [f"{k}/{ex.meta[k]}" for k in ("lang", "type") if k in ex.meta],
+        })  # fmt: skip
+    if world > 1:  # every process gets every prediction
+        gathered = [None] * world
+        dist.all_gather_object(gathered, predictions)
+        predictions = sorted((p for part in gathered for p in part), key=lambda p: p["index"])
+    totals, hits = defaultdict(int), defaultdict(int)
+    for p in predictions:
+        for k in p.pop("keys"):
+            totals[k] += 1
+            hits[k] += p["correct"]
     acc = {k: hits[k] / totals[k] for k in sorted(totals)}
     acc["n"] = totals["all"]
     return acc, predictions
 
 
 def evaluate(cfg: EvalConfig) -> dict:
+    """Score a model; launched with several processes (accelerate launch, torchrun),
+    the processes share the samples and gather the results."""
     folder = resolve_model(cfg.ckpt, cfg.paths.outputs)
     device = pick_device(cfg.hardware)
+    state = PartialState(cpu=device.type == "cpu")  # joins the process group when launched distributed
+    rank, world, main = state.process_index, state.num_processes, state.is_main_process
+    device = state.device if world > 1 else device
     model, tokenizer, meta = load_model(folder, device)
-    print(f"evaluating {folder} ({meta.get('stage')}, model {meta.get('model')})")
+    if main:
+        print(f"evaluating {folder} ({meta.get('stage')}, model {meta.get('model')}) on {world} process(es)")
     data_cfg = cfg.data
     if data_cfg is None:  # score on the data set the model was trained for
         if "data_config" not in meta:
@@ -162,7 +191,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     else:
         train_ds, val_ds = load_splits(data_cfg, root, cfg.task, encoder, processor, max_len, bad, meta.get("seed", 0))
         val_ds = val_ds or train_ds
-    loader = DataLoader(val_ds, batch_size=cfg.batch_size, collate_fn=Collator(encoder.pad_id))
+    loader = DataLoader(shard(val_ds, rank, world), batch_size=cfg.batch_size, collate_fn=Collator(encoder.pad_id))
     val = validate(model, loader, lambda: autocast_for(cfg.hardware, device), None if cfg.steps < 0 else cfg.steps)
     results.update({"val_loss": val["val/loss"], "val_ppl": val["val/ppl"], "val_token_acc": val["val/token_acc"]})
 
@@ -173,14 +202,26 @@ def evaluate(cfg: EvalConfig) -> dict:
     )
     with autocast_for(cfg.hardware, device):
         acc, predictions = answer_accuracy(
-            model, tokenizer, encoder, scored, cfg.batch_size, cfg.max_new_tokens, cfg.max_test, cfg.max_answer_tokens
+            model,
+            tokenizer,
+            encoder,
+            scored,
+            cfg.batch_size,
+            cfg.max_new_tokens,
+            cfg.max_test,
+            cfg.max_answer_tokens,
+            rank,
+            world,
         )
     if acc["n"]:
         results["accuracy"] = acc["all"]
         results["accuracy_by"] = acc
     if bad.total:
-        print(bad.summary())
         results["bad_samples"] = dict(bad.counts)
+    if not main:
+        return results
+    if bad.total:
+        print(bad.summary())
     out = Path(cfg.paths.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:

@@ -73,3 +73,20 @@ def test_two_processes_with_torchrun_then_resume_with_one(one_process, cache_dir
     _run([sys.executable, "train.py", f"resume={ckpt}", f"paths.outputs={base}/outputs", "hardware.micro_batch_size=8",
           f"hydra.run.dir={base}/outputs/resumed"], cache_dir)  # fmt: skip
     _assert_same(base / "outputs" / "one", run)
+
+
+def test_eval_with_two_processes_gathers_the_same_results(one_process, cache_dir):
+    base = one_process
+    model = base / "outputs" / "one" / "stage1" / "model"
+    common = [f"ckpt={model}", f"paths.outputs={base}/outputs", "data=shapes", "data.n_train=64", "data.n_val=16",
+              "data.n_test=16", "data.image_size=32", "batch_size=5"]  # fmt: skip
+    _run([sys.executable, "eval.py", *common, f"hydra.run.dir={base}/eval-one"], cache_dir)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
+    _run([*torchrun, "eval.py", *common, f"hydra.run.dir={base}/eval-two"], cache_dir)
+    one = json.loads((base / "eval-one" / "metrics.json").read_text())
+    two = json.loads((base / "eval-two" / "metrics.json").read_text())
+    assert one["accuracy_by"]["n"] == two["accuracy_by"]["n"] == 16 * 4  # every question once
+    assert two["accuracy"] == one["accuracy"]
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
+    lines = (base / "eval-two" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 64 and len({json.loads(x)["where"] for x in lines}) == 64

@@ -42,7 +42,7 @@ from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.dataset import Collator, LazyChatDataset, MixedDataset
 from svlm.data.formats import BadSamples, DataError
 from svlm.data.source import data_root, load_splits, train_files
-from svlm.evaluation import validate
+from svlm.evaluation import shard, validate
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.tokenizer import tokenizer_for_data
@@ -316,11 +316,10 @@ def run_stage(
         num_workers=cfg.hardware.num_workers,
         drop_last=len(train_ds) >= micro,
     )
-    val_loader = (
-        DataLoader(val_ds, batch_size=micro, collate_fn=collate, num_workers=cfg.hardware.num_workers)
-        if val_ds
-        else None
-    )
+    val_loader = None  # each process validates its own shard; validate() adds the sums up
+    if val_ds is not None:
+        val_part = shard(val_ds, accelerator.process_index, world)
+        val_loader = DataLoader(val_part, batch_size=micro, collate_fn=collate, num_workers=cfg.hardware.num_workers)
     optimizer = make_optimizer(model, stage)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, stage.warmup, stage.min_lr_ratio)
@@ -337,8 +336,6 @@ def run_stage(
     # The scheduler counts optimizer steps itself: not prepared (accelerate would
     # step it once per process).
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
     raw = accelerator.unwrap_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
