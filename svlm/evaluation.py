@@ -26,7 +26,6 @@ from svlm.models.vision import ImageProcessor
 from svlm.models.vlm import VLM
 
 
-@torch.no_grad()
 def sum_over_processes(values: list[float]) -> list[float]:
     """Sums of `values` over every process (the values themselves with one process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -43,6 +42,7 @@ def shard(ds, rank: int, world: int):
     return ds if world == 1 else Subset(ds, range(rank, len(ds), world))
 
 
+@torch.no_grad()
 def validate(model: VLM, loader, autocast, max_batches: int | None = None) -> dict:
     """Mean loss over supervised tokens, perplexity, token accuracy, and the share
     of samples whose every answer token is predicted right (teacher-forced).

@@ -64,13 +64,16 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     return finish(AutoTokenizer.from_pretrained(folder, local_files_only=True))
 
 
-def texts_of(jsonl_files: Iterable[str | os.PathLike]) -> Iterable[str]:
-    """Every turn's text in jsonl/json files of either format (bad lines are skipped here;
-    the data loader reports them)."""
+def texts_of(jsonl_files: Iterable[str | os.PathLike], max_records: int | None = None) -> Iterable[str]:
+    """Every turn's text in jsonl/json files of either format, from at most
+    `max_records` records a file (bad lines are skipped here; the data loader
+    reports them)."""
     from svlm.data.formats import read_records
 
     for path in jsonl_files:
-        for rec in read_records(path, on_error="skip"):
+        for i, rec in enumerate(read_records(path, on_error="skip")):
+            if max_records is not None and i >= max_records:
+                break
             for _, content in rec.turns:
                 yield content.replace(IMAGE_TOKEN, "")
 
@@ -88,7 +91,7 @@ def tokenizer_for_data(cfg: TokenizerConfig, train_files: list[Path]) -> PreTrai
     folder = Path(train_files[0]).parent / ".svlm" / f"tokenizer-bpe{cfg.vocab_size}-{h.hexdigest()[:10]}"
     if (folder / "tokenizer.json").is_file():
         return load_tokenizer(folder)
-    tok = train_bpe(texts_of(train_files), cfg.vocab_size)
+    tok = train_bpe(texts_of(train_files, max_records=200_000), cfg.vocab_size)  # plenty for a BPE
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tok.save_pretrained(tmp)
     try:
