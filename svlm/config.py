@@ -72,6 +72,7 @@ class DataConfig:
     lazy: Literal["auto", "always", "never"] = "auto"
     max_len: int = 512  # tokens, image placeholders included (the original's --fixed_len)
     shuffle: bool = True  # a new order every epoch; false: file order
+    group_by_length: bool = True  # batch samples of similar length together (less padding)
     on_error: Literal["skip", "raise"] = "skip"  # a bad sample: reported and skipped, or fatal
     max_bad_fraction: float = 0.01  # stop when more than this share of the samples is bad
     # shapes only: what to generate

@@ -113,3 +113,25 @@ def test_million_line_benchmark(tmp_path):
     for key in ("first_index_s", "start_with_cached_index_s", "rss_mb", "peak_rss_mb", "samples_per_s"):
         assert key in figures and f"  {key}" in r.stdout
     assert Path(tmp_path / ".big.jsonl.svlm-index.npz").is_file()
+
+
+def test_length_grouping_cuts_padding(shapes_root, encoder):
+    ds = ChatDataset([shapes_root / "sft_train.jsonl"], shapes_root / "images", encoder, PROCESSOR, 256)
+    lengths = ds.lengths()
+
+    def padding(sampler) -> float:
+        sampler.set_epoch(0)
+        order = list(sampler)
+        assert sorted(order) == list(range(len(ds)))  # still every sample once an epoch
+        pad = total = 0
+        for start in range(0, len(order), 8):
+            batch = [lengths[i] for i in order[start : start + 8]]
+            pad += max(batch) * len(batch) - sum(batch)
+            total += max(batch) * len(batch)
+        return pad / total
+
+    grouped = padding(EpochSampler(len(ds), 0, lengths=lengths, group=8))
+    assert grouped < 0.10 and grouped < padding(EpochSampler(len(ds), 0))
+    a, b = EpochSampler(len(ds), 0, lengths=lengths, group=8), EpochSampler(len(ds), 0, lengths=lengths, group=8)
+    a.set_epoch(3), b.set_epoch(3)
+    assert list(a) == list(b)  # deterministic by (seed, epoch): exact resume keeps working

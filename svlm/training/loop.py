@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from svlm.checkpoint import is_model_folder, load_model, model_key, resolve_model, save_model
 from svlm.config import ConfigError, HardwareConfig, StageConfig, TrainConfig, build
 from svlm.data.chat import IGNORE, ChatEncoder
-from svlm.data.dataset import Collator, LazyChatDataset, MixedDataset
+from svlm.data.dataset import ChatDataset, Collator, LazyChatDataset, MixedDataset
 from svlm.data.formats import BadSamples, DataError
 from svlm.data.source import data_root, load_splits, train_files
 from svlm.evaluation import shard, validate
@@ -109,12 +109,17 @@ class EpochSampler(Sampler[int]):
     """A fresh order of the data each epoch, from (seed, epoch); file order without
     shuffle. With `sizes` and `weights` (a MixedDataset), each source gives its
     share of the epoch: weight / sum(weights) of all samples, repeating a small
-    source or taking part of a large one. `start_at(epoch, skip)` resumes in the
-    middle of an epoch."""
+    source or taking part of a large one. With `lengths` and `group` (the
+    optimizer batch), samples of similar length are batched together: the
+    shuffled order is cut into windows of 64 batches, each window is sorted by
+    length and cut into batches, and the batches are shuffled; little padding,
+    still a random mix. `start_at(epoch, skip)` resumes in the middle of an epoch."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, sizes=None, weights=None) -> None:
+    def __init__(self, n: int, seed: int, shuffle: bool = True, sizes=None, weights=None, lengths=None, group=0):
         self.n, self.seed, self.epoch, self.shuffle = n, seed, 0, shuffle
         self.sizes, self.weights = sizes, weights
+        self.lengths = torch.as_tensor(lengths) if lengths is not None else None
+        self.group = group
         self.resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -136,8 +141,24 @@ class EpochSampler(Sampler[int]):
         order = torch.cat(parts)
         return order[torch.randperm(len(order), generator=g)] if self.shuffle else order
 
+    def _grouped(self, order: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Batches of similar length, in random order (see the class docstring)."""
+        window = self.group * 64
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = order[start : start + window]
+            chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
+            batches += list(chunk.split(self.group))
+        full = [b for b in batches if len(b) == self.group]  # a short batch goes last
+        rest = [b for b in batches if len(b) != self.group]
+        full = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
+        return torch.cat(full + rest) if full or rest else order
+
     def __iter__(self):
-        order = self._order().tolist()
+        order = self._order()
+        if self.lengths is not None and self.group > 1 and self.shuffle:
+            order = self._grouped(order, torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 1))
+        order = order.tolist()
         if self.resume is not None and self.resume[0] == self.epoch:
             order = order[self.resume[1] :]
             self.resume = None
@@ -306,8 +327,11 @@ def run_stage(
         total = min(total, stage.max_steps)
 
     mixed = isinstance(train_ds, MixedDataset)
-    sampler = EpochSampler(len(train_ds), cfg.seed, cfg.data.shuffle, *(
-        (train_ds.sizes, train_ds.weights) if mixed else ()))  # fmt: skip
+    lengths = train_ds.lengths() if cfg.data.group_by_length and isinstance(train_ds, ChatDataset) else None
+    sampler = EpochSampler(
+        len(train_ds), cfg.seed, cfg.data.shuffle, *((train_ds.sizes, train_ds.weights) if mixed else (None, None)),
+        lengths=lengths, group=stage.batch_size,
+    )  # fmt: skip
     loader = DataLoader(
         train_ds,
         batch_size=micro,
