@@ -62,34 +62,38 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(sweep: Path, jobs: list[Path], rows: list[dict], out: Path) -> None:
+def draw_curves(runs: list[tuple[str, Path]], out: Path, title: str) -> Path:
+    """Train (solid) and validation (dashed) loss of each (label, run folder), one
+    panel a stage, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = [s for s in STAGES if any(f"{s}/train_loss" in r for r in rows)]
+    stages = [s for s in STAGES if any((run / s / "metrics.jsonl").is_file() for _, run in runs)]
     fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(6 * max(1, len(stages)), 4), squeeze=False)
     for ax, stage in zip(axes[0], stages):
-        for i, (job, row) in enumerate(zip(jobs, rows)):
-            metrics = read_metrics(job / stage / "metrics.jsonl")
+        for i, (label, run) in enumerate(runs):
+            metrics = read_metrics(run / stage / "metrics.jsonl")
             colour = f"C{i % 10}"
             train = [(m["step"], m["train/loss"]) for m in metrics if "train/loss" in m]
             val = [(m["step"], m["val/loss"]) for m in metrics if "val/loss" in m]
-            label = row["overrides"] or f"job {row['job']}"
             if train:
-                ax.plot(*zip(*train), color=colour, label=label, linewidth=1.2, marker="." if len(train) < 5 else None)
+                ax.plot(*zip(*train), color=colour, linewidth=1.2, marker="." if len(train) < 5 else None,
+                        label=f"{label} train" if label else "train")  # fmt: skip
             if val:
-                ax.plot(*zip(*val), color=colour, linestyle="--", marker="o", markersize=3)
-        ax.set_title(f"{stage} (solid: train, dashed: validation)")
+                ax.plot(*zip(*val), color=colour, linestyle="--", marker="o", markersize=3,
+                        label=f"{label} validation" if label else "validation")  # fmt: skip
+        ax.set_title(stage)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
+        ax.set_ylabel("loss (cross entropy on answer tokens)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(str(sweep), fontsize=8)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return out
 
 
 def report(sweep: str | Path) -> dict:
@@ -107,7 +111,8 @@ def report(sweep: str | Path) -> dict:
     text = (f"common overrides: {' '.join(common) or '(none)'}\n\n" if len(rows) > 1 else "") + table(rows)
     (sweep / "report.md").write_text(f"# Sweep {sweep}\n\n{text}\n\n![loss curves](loss_curves.png)\n")
     (sweep / "report.json").write_text(json.dumps(rows, indent=2))
-    plot(sweep, jobs, rows, sweep / "loss_curves.png")
+    draw_curves([(r["overrides"] or f"job {r['job']}", j) for r, j in zip(rows, jobs)], sweep / "loss_curves.png",
+                str(sweep))  # fmt: skip
     print(text)
     print(f"\nreport: {sweep / 'report.md'}, curves: {sweep / 'loss_curves.png'}")
     return {"rows": rows, "png": sweep / "loss_curves.png"}

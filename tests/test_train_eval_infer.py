@@ -44,6 +44,7 @@ def test_train_both_stages(trained):
     run = Path(cfg.paths.run_dir)
     assert results == [run / "stage1" / "model", run / "stage2" / "model"]
     assert (run / "config.yaml").is_file()
+    assert (run / "loss_curves.png").stat().st_size > 10_000  # train and validation loss, both stages
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["lm"]["d_model"] == 64
     keys = set()
     for stage, folder in zip(("stage1", "stage2"), results):

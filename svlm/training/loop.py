@@ -45,6 +45,7 @@ from svlm.data.source import data_root, load_splits, train_files
 from svlm.evaluation import shard, validate
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint
 from svlm.models.vlm import VLM, VLMConfig
+from svlm.report import draw_curves
 from svlm.tokenizer import tokenizer_for_data
 from svlm.training.optim import lr_factor, make_optimizer, set_trainable
 from svlm.training.state import (
@@ -660,5 +661,8 @@ def train(cfg: TrainConfig) -> list[Path]:
             results.append(init)
     finally:
         stop.restore()
+    if accelerator.is_main_process:
+        png = draw_curves([("", run_dir)], run_dir / "loss_curves.png", str(run_dir))
+        accelerator.print(f"loss curves: {png}")
     accelerator.end_training()
     return results
