@@ -57,7 +57,37 @@ def encode_record(rec: Record, encoder: ChatEncoder, image_dir: Path, max_len: i
     return Example(ids, labels, image, rec.where, rec.meta), cut
 
 
-class ChatDataset(Dataset):
+class _Conversations(Dataset):
+    """What both data sets share: settings, bad-sample accounting, and turning an
+    Example into a training item (image opened and preprocessed)."""
+
+    def __init__(self, image_dir, encoder: ChatEncoder, processor: ImageProcessor, max_len: int, on_error: str,
+                 bad: BadSamples | None) -> None:  # fmt: skip
+        self.encoder, self.processor, self.max_len = encoder, processor, max_len
+        self.image_dir = Path(image_dir)
+        self.on_error = on_error
+        self.bad = bad if bad is not None else BadSamples()
+        self.truncated: list[str] = []  # file:line of samples cut to max_len (kept: images and answers left)
+        self.fetched = 0  # items asked for
+
+    def example(self, i: int) -> Example:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict | None:
+        """The item for the collator, or None for a bad sample (reported and counted)."""
+        self.fetched += 1
+        try:
+            ex = self.example(i)
+            pixels = self.processor(open_image(ex.image, ex.where)) if ex.image is not None else None
+        except DataError as e:
+            if self.on_error == "raise":
+                raise
+            self.bad.add(e)
+            return None
+        return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
+
+
+class ChatDataset(_Conversations):
     """Every record encoded up front (files that fit in memory); images load lazily."""
 
     def __init__(
@@ -70,12 +100,8 @@ class ChatDataset(Dataset):
         on_error: str = "skip",
         bad: BadSamples | None = None,
     ) -> None:
-        self.encoder, self.processor, self.max_len = encoder, processor, max_len
-        self.image_dir = Path(image_dir)
-        self.on_error = on_error
-        self.bad = bad if bad is not None else BadSamples()
+        super().__init__(image_dir, encoder, processor, max_len, on_error, bad)
         self.examples: list[Example] = []
-        self.truncated: list[str] = []  # file:line of samples cut to max_len (kept: images and answers left)
         for f in files:
             for rec in read_records(f, on_error=on_error, bad=self.bad):
                 try:
@@ -109,21 +135,8 @@ class ChatDataset(Dataset):
     def lengths(self) -> list[int]:
         return [len(e.input_ids) for e in self.examples]
 
-    def __getitem__(self, i: int) -> dict | None:
-        ex = self.examples[i]
-        pixels = None
-        if ex.image is not None:
-            try:
-                pixels = self.processor(open_image(ex.image, ex.where))
-            except DataError as e:
-                if self.on_error == "raise":
-                    raise
-                self.bad.add(e)
-                return None
-        return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
 
-
-class LazyChatDataset(Dataset):
+class LazyChatDataset(_Conversations):
     """A jsonl file too large to encode up front: a line index (built once, cached
     beside the file), and each record read, parsed and encoded when a batch needs
     it. Bad records are found then: reported, counted, and skipped (None) or raised."""
@@ -138,15 +151,10 @@ class LazyChatDataset(Dataset):
         on_error: str = "skip",
         bad: BadSamples | None = None,
     ) -> None:
-        self.encoder, self.processor, self.max_len = encoder, processor, max_len
-        self.image_dir = Path(image_dir)
-        self.on_error = on_error
-        self.bad = bad if bad is not None else BadSamples()
+        super().__init__(image_dir, encoder, processor, max_len, on_error, bad)
         self.reader = RecordReader(file)
         self.index = line_index(file)  # (N, 2): byte offset, line number
         self.rows = np.arange(len(self.index))  # which lines this data set holds (a subset after split)
-        self.truncated: list[str] = []
-        self.fetched = 0
         if not len(self.rows):
             raise ValueError(f"no sample in {file}")
 
@@ -168,21 +176,9 @@ class LazyChatDataset(Dataset):
         rest.rows, out.rows = self.rows[~held], self.rows[held]
         return rest, out
 
-    def __getitem__(self, i: int) -> dict | None:
-        self.fetched += 1
-        try:
-            ex = self.example(i)
-            pixels = self.processor(open_image(ex.image, ex.where)) if ex.image is not None else None
-        except DataError as e:
-            if self.on_error == "raise":
-                raise
-            self.bad.add(e)
-            return None
-        return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
-
 
 class MixedDataset(ConcatDataset):
-    """Several sources drawn in proportion to their weights (see WeightedEpochSampler)."""
+    """Several sources drawn in proportion to their weights (see EpochSampler in training/loop.py)."""
 
     def __init__(self, datasets: list[Dataset], weights: list[float]) -> None:
         super().__init__(datasets)
