@@ -1,0 +1,364 @@
+"""Benchmark training and generation speed, with figures, not guesses:
+
+    python -m svlm.bench                              # model=tiny, stage 2, this machine
+    python -m svlm.bench bench.size=tiny              # the fixed comparison sizes (tiny | small)
+    python -m svlm.bench model=base stage=stage1 bench.threads=[1,2]
+
+Takes the same overrides as train.py, plus `bench.*` (see BenchConfig). Prints
+one table and writes the figures as JSON to outputs/bench/<time>/bench.json:
+
+- samples/s and tokens/s of full training steps (forward, backward, AdamW),
+  the median step of the best round after warm-up;
+- model FLOPs a step, counted analytically (vision encoder, projector,
+  language model, attention included; backward = 2 x forward), the FLOP/s
+  achieved, and MFU against an fp32 (or bf16 on a GPU) matmul peak measured in
+  the same run right before each round;
+- the data pipeline alone (images decoded and preprocessed a second);
+- the share of padding tokens in batches of the configured data;
+- peak memory (process RSS on the CPU, torch.cuda.max_memory_allocated on a GPU);
+- generation tokens/s with and without the KV cache.
+
+The batches are synthetic (random ids, the model's image slots, random
+pixels) of `bench.text_tokens` text tokens, so the figures measure the model
+and the step, not the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from svlm.config import ConfigError, build, load_train_config
+from svlm.models.vlm import VLM, VLMConfig
+
+# The fixed comparison sizes: 224 px, patch 14 (256 patches -> 64 visual tokens
+# by a 2x2 merge), vocabulary 8192, 96 text tokens, every part trained.
+SIZES = {
+    "tiny": {"vision": (192, 4, 3), "lm": (256, 4, 4), "batch": 8},
+    "small": {"vision": (384, 6, 6), "lm": (512, 8, 8), "batch": 4},
+}
+
+
+@dataclass
+class BenchConfig:
+    size: str | None = None  # tiny | small: the fixed sizes; None: the configured model
+    batch: int | None = None  # samples a step; None: the stage's micro-batch (or the size's)
+    text_tokens: int = 96
+    warmup: int = 2
+    steps: int = 5  # steps a round
+    rounds: int = 3  # the best round is reported, each after a fresh matmul peak
+    threads: list[int] = field(default_factory=lambda: [0])  # 0: torch's default; e.g. [1, 2]
+    gen_tokens: int = 256
+    data_images: int = 200
+
+
+# ------------------------------------------------------------------------ FLOPs
+
+
+def lm_flops(cfg, tokens: int, batch: int) -> float:
+    """Forward FLOPs of the language model for `batch` sequences of `tokens`."""
+    d, hd = cfg.d_model, cfg.head_dim
+    attn_proj = 2 * d * (cfg.n_heads * hd) * 2 + 2 * d * (cfg.n_kv_heads * hd) * 2  # q, o and k, v
+    attn_scores = 2 * 2 * tokens * cfg.n_heads * hd  # QK^T and AV, per token (full, not causal-halved)
+    if cfg.mlp == "swiglu":
+        mlp = 2 * 3 * d * cfg.d_ff
+    elif cfg.mlp == "gelu":
+        mlp = 2 * 2 * d * cfg.d_ff
+    else:  # routed top-k + shared experts, GELU MLPs
+        mlp = 2 * 2 * d * cfg.d_ff * (cfg.moe_top_k + cfg.moe_shared_experts) + 2 * d * cfg.moe_experts
+    per_token = cfg.n_layers * (attn_proj + attn_scores + mlp) + 2 * d * cfg.vocab_size
+    if cfg.d_in is not None:
+        per_token += 2 * (cfg.d_in * cfg.rank + cfg.rank * d)
+    return per_token * tokens * batch
+
+
+def vision_flops(dinov2_cfg, patches: int, batch: int) -> float:
+    d, inner = dinov2_cfg.hidden_size, int(dinov2_cfg.hidden_size * dinov2_cfg.mlp_ratio)
+    tokens = patches + 1
+    per_layer = tokens * (2 * 4 * d * d + 2 * 2 * d * inner) + 2 * 2 * tokens * tokens * d
+    embed = patches * 2 * 3 * dinov2_cfg.patch_size**2 * d
+    return (dinov2_cfg.num_hidden_layers * per_layer + embed) * batch
+
+
+def projector_flops(model: VLM, batch: int) -> float:
+    """2 x the multiply-adds of the projector's linear layers (and the resampler's attention)."""
+    n = model.num_image_tokens
+    total = 0
+    for m in model.projector.modules():
+        if isinstance(m, torch.nn.Linear):
+            total += 2 * m.in_features * m.out_features * n
+        if isinstance(m, torch.nn.MultiheadAttention):
+            p = model.vision.num_patches
+            total += 2 * 4 * m.embed_dim**2 * max(n, p) + 2 * 2 * n * p * m.embed_dim
+    return total * batch
+
+
+def step_flops(model: VLM, batch: int, tokens: int, vision_trained: bool) -> float:
+    """Training FLOPs of one step: forward, plus backward = 2 x forward (the frozen
+    encoder's backward is skipped, so it counts once)."""
+    lm = lm_flops(model.cfg.lm, tokens, batch)
+    proj = projector_flops(model, batch)
+    vis = vision_flops(model.vision.dinov2.config, model.vision.num_patches, batch)
+    return 3 * (lm + proj) + (3 if vision_trained else 1) * vis
+
+
+# ------------------------------------------------------------------- measuring
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=(1024, 2048), seconds: float = 0.6) -> float:
+    """FLOP/s of square matmuls on this device now: the best over sizes and repeats."""
+    best = 0.0
+    for n in sizes if device.type == "cpu" else (4096, 8192):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm-up
+        for _ in range(3):
+            count, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds / 6:
+                a @ b
+                count += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = max(best, 2 * n**3 * count / (time.perf_counter() - t0))
+    return best
+
+
+def synthetic_batch(model: VLM, batch: int, text_tokens: int, device) -> dict:
+    n_img, vocab = model.num_image_tokens, model.cfg.lm.vocab_size
+    ids = torch.randint(10, vocab, (batch, n_img + text_tokens))
+    ids[:, :n_img] = model.cfg.image_token_id
+    ids[ids == model.cfg.image_token_id] = 11  # no stray image slots in the text
+    ids[:, :n_img] = model.cfg.image_token_id
+    labels = ids.clone()
+    labels[:, : n_img + text_tokens // 2] = -100  # half the text supervised
+    size = model.cfg.vision.image_size
+    return {
+        "input_ids": ids.to(device),
+        "labels": labels.to(device),
+        "pixel_values": torch.randn(batch, 3, size, size, device=device),
+    }
+
+
+def time_steps(model, optimizer, batch, steps: int, device) -> list[float]:
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        out = model(batch["input_ids"], batch["pixel_values"], batch["labels"])
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+@torch.no_grad()
+def generation_speed(model: VLM, device, new_tokens: int) -> dict:
+    from svlm.generation import generate
+
+    model.eval()
+    batch = synthetic_batch(model, 1, 8, device)
+    prompt = batch["input_ids"][:, : model.num_image_tokens + 8]
+    room = model.cfg.lm.max_seq_len - prompt.shape[1]
+    n = min(new_tokens, room)
+    out = {}
+    for cache in (True, False):
+        t0 = time.perf_counter()
+        (ids,) = generate(model, prompt, batch["pixel_values"], stop_id=-1, max_new_tokens=n, use_cache=cache)
+        out["with_cache" if cache else "without_cache"] = len(ids) / (time.perf_counter() - t0)
+    model.train()
+    out["new_tokens"] = n
+    out["speedup"] = out["with_cache"] / out["without_cache"]
+    return out
+
+
+def data_pipeline_speed(cfg, model: VLM, images: int) -> float:
+    """Images a second decoded and preprocessed (the shapes pictures, or the data's)."""
+    from svlm.data.images import open_image
+    from svlm.data.source import data_root, image_dir
+    from svlm.models.vision import ImageProcessor
+
+    folder = image_dir(cfg.data, data_root(cfg.data, cfg.paths.cache), "sft")
+    files = sorted(folder.glob("*"))[:images]
+    if not files:
+        return float("nan")
+    processor = ImageProcessor(model.cfg.vision)
+    t0 = time.perf_counter()
+    for f in files:
+        processor(open_image(f))
+    return len(files) / (time.perf_counter() - t0)
+
+
+def padding_share(cfg, model: VLM, batch: int) -> float:
+    """Pad tokens / batch tokens over one epoch of the configured training data."""
+    from svlm.data.chat import ChatEncoder
+    from svlm.data.dataset import ChatDataset
+    from svlm.data.source import data_root, load_splits, train_files
+    from svlm.tokenizer import tokenizer_for_data
+    from svlm.training.loop import EpochSampler
+
+    root = data_root(cfg.data, cfg.paths.cache)
+    first, stage = cfg.stages()[0], cfg.stages()[-1]  # the tokenizer is trained on the first stage's data
+    tokenizer = tokenizer_for_data(cfg.tokenizer, train_files(cfg.data, root, first.task))
+    encoder = ChatEncoder(tokenizer, model.num_image_tokens)
+    ds, _ = load_splits(cfg.data, root, stage.task, encoder, None, cfg.data.max_len, None, cfg.seed)
+    if not isinstance(ds, ChatDataset):
+        return float("nan")
+    lengths = ds.lengths()
+    sampler = EpochSampler(len(ds), cfg.seed, cfg.data.shuffle, lengths=lengths if cfg.data.group_by_length else None,
+                           group=batch)  # fmt: skip
+    order = list(sampler)
+    pad = total = 0
+    for start in range(0, len(order), batch):
+        chunk = [lengths[i] for i in order[start : start + batch]]
+        pad += max(chunk) * len(chunk) - sum(chunk)
+        total += max(chunk) * len(chunk)
+    return pad / total
+
+
+# ------------------------------------------------------------------------- main
+
+
+def build_bench_model(cfg, bench: BenchConfig) -> tuple[VLM, int]:
+    """The model to measure and its batch size."""
+    from transformers import Dinov2Config
+
+    from svlm.models.language_model import LMConfig
+    from svlm.models.projector import ProjectorConfig
+    from svlm.models.vision import VisionConfig
+
+    if bench.size is None:
+        m = cfg.model
+        vocab = 512 if m.lm.d_in is None and m.lm.d_model <= 256 else 32005
+        vlm_cfg = VLMConfig(m.vision, m.projector, dataclasses.replace(m.lm, vocab_size=vocab), image_token_id=3)
+        dinov2 = None
+        if m.vision.path is not None:  # shapes of the folder's model, random weights
+            dinov2 = Dinov2Config.from_pretrained(m.vision.path)
+        batch = bench.batch or cfg.hardware.micro_batch_size or cfg.stages()[-1].batch_size
+        return VLM(vlm_cfg, dinov2_config=dinov2), batch
+    if bench.size not in SIZES:
+        raise ConfigError(f"bench.size must be one of {', '.join(SIZES)} or null, got {bench.size!r}")
+    size = SIZES[bench.size]
+    (vd, vl, vh), (ld, ll, lh) = size["vision"], size["lm"]
+    vlm_cfg = VLMConfig(
+        VisionConfig(image_size=224, patch_size=14, hidden_size=vd, num_layers=vl, num_heads=vh),
+        ProjectorConfig(compress="pixel_shuffle", factor=2),
+        LMConfig(vocab_size=8192, d_model=ld, n_layers=ll, n_heads=lh, max_seq_len=512),
+        image_token_id=3,
+    )
+    return VLM(vlm_cfg), bench.batch or size["batch"]
+
+
+def run(cfg, bench: BenchConfig) -> dict:
+    from svlm.training.optim import make_optimizer, set_trainable
+
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.hardware.device != "cpu" else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model, batch_size = build_bench_model(cfg, bench)
+    stage = cfg.stages()[-1]
+    if bench.size is not None:  # every part trained
+        stage = dataclasses.replace(stage, train_vision=True, train_projector=True, unfreeze_lm_top_layers=-1,
+                                    train_text_embed=True)  # fmt: skip
+    set_trainable(model, stage)
+    model.to(device).train()
+    optimizer = make_optimizer(model, stage)
+    batch = synthetic_batch(model, batch_size, bench.text_tokens, device)
+    tokens = model.num_image_tokens + bench.text_tokens
+    flops = step_flops(model, batch_size, tokens, stage.train_vision)
+    results: dict = {
+        "model": bench.size or cfg.model.name, "stage": stage.name, "device": str(device), "batch": batch_size,
+        "tokens_per_sample": tokens, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "trained_params_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+        "step_gflop": flops / 1e9, "rounds": {},
+    }  # fmt: skip
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
+    default_threads = torch.get_num_threads()
+    for threads in bench.threads:
+        torch.set_num_threads(threads or default_threads)
+        best = None
+        with autocast:
+            time_steps(model, optimizer, batch, bench.warmup, device)
+            for _ in range(bench.rounds):
+                peak = matmul_peak(device, dtype)
+                step = statistics.median(time_steps(model, optimizer, batch, bench.steps, device))
+                if best is None or flops / step / peak > best["mfu"]:
+                    best = {"step_s": step, "peak_gflops": peak / 1e9, "achieved_gflops": flops / step / 1e9,
+                            "mfu": flops / step / peak, "samples_per_s": batch_size / step,
+                            "tokens_per_s": batch_size * tokens / step}  # fmt: skip
+        results["rounds"][str(threads or default_threads)] = best
+    torch.set_num_threads(default_threads)
+    results["generation_tokens_per_s"] = generation_speed(model, device, bench.gen_tokens)
+    if bench.size is None:
+        results["data_images_per_s"] = data_pipeline_speed(cfg, model, bench.data_images)
+        results["padding_share"] = padding_share(cfg, model, batch_size)
+    if device.type == "cuda":
+        results["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return results
+
+
+def print_table(r: dict) -> None:
+    print(f"{r['model']} ({r['stage']}) on {r['device']}: batch {r['batch']} x {r['tokens_per_sample']} tokens, "
+          f"{r['params_m']:.1f}M parameters ({r['trained_params_m']:.1f}M trained), "
+          f"{r['step_gflop']:.1f} GFLOP a step")  # fmt: skip
+    print(
+        f"  {'threads':>7} {'step s':>8} {'samples/s':>10} {'tokens/s':>10} {'GFLOP/s':>9} {'peak GFLOP/s':>13} {'MFU':>6}"
+    )
+    for threads, b in r["rounds"].items():
+        print(f"  {threads:>7} {b['step_s']:>8.3f} {b['samples_per_s']:>10.1f} {b['tokens_per_s']:>10.0f} "
+              f"{b['achieved_gflops']:>9.1f} {b['peak_gflops']:>13.1f} {b['mfu']:>6.1%}")  # fmt: skip
+    g = r["generation_tokens_per_s"]
+    print(f"  generation ({g['new_tokens']} new tokens): {g['with_cache']:.0f} tokens/s with the KV cache, "
+          f"{g['without_cache']:.0f} without ({g['speedup']:.1f}x)")  # fmt: skip
+    if "data_images_per_s" in r:
+        print(
+            f"  data pipeline: {r['data_images_per_s']:.0f} images/s; padding: {r['padding_share']:.1%} of batch tokens"
+        )
+    mem = r.get("peak_memory_gib", r.get("peak_rss_gib"))
+    print(f"  peak memory: {mem:.2f} GiB ({'GPU allocated' if 'peak_memory_gib' in r else 'process RSS'})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return 0
+    bench_args = [a.removeprefix("bench.") for a in args if a.startswith("bench.")]
+    train_args = [a for a in args if not a.startswith("bench.")]
+    out = Path("outputs") / "bench" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    try:
+        conf = Path(__file__).resolve().parents[1] / "conf"
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = load_train_config(compose("train", [f"paths.run_dir={out}", *train_args]))
+        raw = OmegaConf.to_container(OmegaConf.from_dotlist(bench_args)) if bench_args else {}
+        bench = build(BenchConfig, raw, "bench")
+        results = run(cfg, bench)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_table(results)
+    out = Path(cfg.paths.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    print(f"figures: {out / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
