@@ -134,9 +134,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=(1024, 2048), se
 def synthetic_batch(model: VLM, batch: int, text_tokens: int, device) -> dict:
     n_img, vocab = model.num_image_tokens, model.cfg.lm.vocab_size
     ids = torch.randint(10, vocab, (batch, n_img + text_tokens))
-    ids[:, :n_img] = model.cfg.image_token_id
     ids[ids == model.cfg.image_token_id] = 11  # no stray image slots in the text
-    ids[:, :n_img] = model.cfg.image_token_id
+    ids[:, :n_img] = model.cfg.image_token_id  # the picture's slots first
     labels = ids.clone()
     labels[:, : n_img + text_tokens // 2] = -100  # half the text supervised
     size = model.cfg.vision.image_size

@@ -21,7 +21,6 @@ END_TOKEN = "<|end|>"
 USER_TOKEN = "<|user|>"
 ASSISTANT_TOKEN = "<|assistant|>"
 SPECIAL_TOKENS = [PAD_TOKEN, IMAGE_TOKEN, END_TOKEN, USER_TOKEN, ASSISTANT_TOKEN]
-ROLES = ("user", "assistant")
 
 JINJA_TEMPLATE = (
     "{% for message in messages %}"

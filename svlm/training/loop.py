@@ -184,7 +184,7 @@ class StopRequested:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.previous[sig] = signal.signal(sig, self._handle)
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum, _frame) -> None:
         self.signal = signal.Signals(signum).name
         print(f"\n{self.signal} received: saving a checkpoint at the end of this step (again to stop at once)")
         for sig, handler in self.previous.items():  # a second signal acts as usual
