@@ -9,6 +9,15 @@ Two ways to build it:
 
 Images are resized to a square of `image_size` (bicubic), scaled to [0, 1]
 and normalised once with the encoder's own mean and std.
+
+Which features the projector sees (`feature_layer`):
+- None (the default): `last_hidden_state`, the last layer's output after
+  DINOv2's final LayerNorm;
+- an index k: `hidden_states[k]`, a layer's output before that LayerNorm
+  (0 is the patch embeddings, -1 the last layer, -2 the one before). This is
+  how LLaVA reads its vision tower (`vision_feature_layer`), so only a model
+  trained with an index can be exported to transformers' LLaVA format
+  (svlm/export.py). The layers after k, and the final LayerNorm, are unused.
 """
 
 from __future__ import annotations
@@ -39,6 +48,9 @@ class VisionConfig:
     num_heads: int = 4
     mlp_ratio: int = 4
     use_cls: bool = False  # prepend the CLS token to the patch tokens
+    # None: features after the final LayerNorm (last_hidden_state); k: hidden_states[k],
+    # before it, as LLaVA's vision_feature_layer (-1: the last layer). See the module docstring.
+    feature_layer: int | None = None
     image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
 
@@ -47,6 +59,12 @@ class VisionConfig:
             raise ValueError(
                 f"model.vision.image_size ({self.image_size}) must be a multiple of "
                 f"model.vision.patch_size ({self.patch_size})"
+            )
+        n = self.num_layers
+        if self.feature_layer is not None and not -(n + 1) <= self.feature_layer <= n:
+            raise ValueError(
+                f"model.vision.feature_layer={self.feature_layer} is out of range for an encoder of "
+                f"{n} layers (model.vision.num_layers): use -{n + 1}..{n}, e.g. -1 for the last layer"
             )
 
 
@@ -149,7 +167,11 @@ class VisionEncoder(nn.Module):
         return self.grid * self.grid
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.dinov2(pixel_values=pixel_values).last_hidden_state  # (B, 1+R+P, Dv)
+        if self.cfg.feature_layer is None:  # after the final LayerNorm
+            hidden = self.dinov2(pixel_values=pixel_values).last_hidden_state  # (B, 1+R+P, Dv)
+        else:  # one layer's output, before the final LayerNorm (LLaVA's vision_feature_layer)
+            out = self.dinov2(pixel_values=pixel_values, output_hidden_states=True)
+            hidden = out.hidden_states[self.cfg.feature_layer]  # (B, 1+R+P, Dv)
         patches = hidden[:, 1 + self.num_registers :]  # (B, P, Dv)
         if self.cfg.use_cls:
             patches = torch.cat([hidden[:, :1], patches], dim=1)  # (B, 1+P, Dv)

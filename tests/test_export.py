@@ -1,0 +1,291 @@
+"""Export to transformers' LLaVA format (svlm/export.py), checked with
+transformers alone: processor, logits, greedy generation; the refusals; and the
+import back into our model."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose, path_overrides, tiny_train_overrides
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from svlm.checkpoint import load_model
+from svlm.config import load_train_config
+from svlm.data.chat import ChatEncoder, render
+from svlm.errors import ConfigError
+from svlm.export import CHAT_TEMPLATE, check_exportable, export_llava, import_llava, main
+from svlm.generation import generate
+from svlm.models.language_model import LMConfig
+from svlm.models.projector import ProjectorConfig
+from svlm.models.vision import ImageProcessor, VisionConfig, VisionEncoder
+from svlm.models.vlm import VLM, VLMConfig
+from svlm.training.loop import train
+
+# What makes the tiny test model exportable (the default tiny merges patches
+# and normalises in the projector, and reads DINOv2 after its final norm);
+# GQA too, so the key/value heads are exercised.
+EXPORTABLE = [
+    "model.projector.compress=none",
+    "model.projector.norm=false",
+    "model.vision.feature_layer=-1",
+    "model.lm.n_kv_heads=2",
+]
+QUESTION = "What colour is the shape?"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, cache_dir, shapes_root):
+    """A tiny model trained 3+3 steps (both stages), exported with the CLI."""
+    base = tmp_path_factory.mktemp("export")
+    cfg = load_train_config(
+        compose("train", [*tiny_train_overrides("both"), *path_overrides(base, cache_dir), *EXPORTABLE])
+    )
+    _, model_dir = train(cfg)
+    out = base / "llava"
+    assert main([f"ckpt={model_dir}", f"out={out}"]) == 0
+    model, tokenizer, _ = load_model(model_dir)
+    return model, tokenizer, out
+
+
+def _image(shapes_root, i=0):
+    return Image.open(sorted((shapes_root / "images").glob("test-*.png"))[i]).convert("RGB")
+
+
+def _ours(model, tokenizer, image, question=QUESTION):
+    ids = torch.tensor([ChatEncoder(tokenizer, model.num_image_tokens).prompt(question)])
+    pixels = ImageProcessor(model.cfg.vision)(image).unsqueeze(0)
+    return ids, pixels
+
+
+def _rel_diff(a, b):
+    return float((a - b).norm() / a.norm())
+
+
+def test_exported_files(exported):
+    _, _, out = exported
+    names = sorted(p.name for p in out.iterdir())
+    assert {"config.json", "model.safetensors", "generation_config.json", "processor_config.json"} <= set(names)
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= set(names)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llava"
+    assert config["vision_config"]["model_type"] == "dinov2"
+    assert config["text_config"]["model_type"] == "llama"
+    assert config["vision_feature_layer"] == -1 and config["vision_feature_select_strategy"] == "default"
+
+
+def test_processor_matches_our_pipeline(exported, shapes_root):
+    model, tokenizer, out = exported
+    processor = AutoProcessor.from_pretrained(out)
+    rng = np.random.default_rng(0)
+    images = [
+        _image(shapes_root),  # 32 px, the model's size
+        Image.fromarray(rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)),  # resized, not square
+        Image.fromarray(rng.integers(0, 256, (50, 40, 4), dtype=np.uint8), "RGBA"),  # alpha on white
+    ]
+    conversations = [  # our plain-string content, and LLaVA's list of parts
+        [{"role": "user", "content": f"<image>\n{QUESTION}"}],
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+    ]
+    for image in images:
+        ids, pixels = _ours(model, tokenizer, image)
+        for messages in conversations:
+            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            inputs = processor(images=image, text=text, return_tensors="pt")
+            assert inputs["input_ids"].tolist() == ids.tolist()
+            torch.testing.assert_close(inputs["pixel_values"], pixels, atol=1e-6, rtol=0)
+
+
+def test_chat_template_renders_like_ours(exported):
+    _, _, out = exported
+    processor = AutoProcessor.from_pretrained(out)
+    turns = [("user", "<image>\nWhat is it?"), ("assistant", "A red circle."), ("user", "Where?")]
+    messages = [{"role": r, "content": c} for r, c in turns]
+    for gen in (False, True):
+        assert processor.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False) == render(turns, gen)
+    assert processor.tokenizer.chat_template == CHAT_TEMPLATE
+
+
+def test_logits_match(exported, shapes_root):
+    model, tokenizer, out = exported
+    llava = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    for i in range(2):
+        ids, pixels = _ours(model, tokenizer, _image(shapes_root, i))
+        with torch.no_grad():
+            ours = model(ids, pixels).logits
+            theirs = llava(input_ids=ids, pixel_values=pixels).logits
+        assert theirs.shape == ours.shape
+        assert _rel_diff(ours, theirs) < 1e-4
+
+
+def _greedy_both(model, tokenizer, out, image, n=12):
+    """Greedy answers of ours (svlm.generation) and of transformers' generate."""
+    llava = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    ids, pixels = _ours(model, tokenizer, image)
+    ours = generate(model, ids, pixels, end, max_new_tokens=n)[0]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    theirs = llava.generate(**inputs, do_sample=False, max_new_tokens=n)[0, ids.shape[1] :].tolist()
+    if end in theirs:  # transformers keeps the stop token (then pads), ours stops before it
+        theirs = theirs[: theirs.index(end)]
+    return ours, theirs
+
+
+def test_greedy_generation_matches(exported, shapes_root):
+    model, tokenizer, out = exported
+    for i in range(2):
+        ours, theirs = _greedy_both(model, tokenizer, out, _image(shapes_root, i))
+        assert theirs == ours
+
+
+def _small_vlm(tokenizer, vision=None, projector=None, lm=None) -> VLM:
+    """A small VLM with every weight moved off its initial value."""
+    vision = VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, **(vision or {}))
+    lm = LMConfig(vocab_size=len(tokenizer), d_model=64, n_layers=2, n_heads=4, max_seq_len=256, **(lm or {}))
+    cfg = VLMConfig(vision, ProjectorConfig(**(projector or {})), lm, tokenizer.convert_tokens_to_ids("<image>"))
+    model = VLM(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+EXPORTABLE_SMALL = {"vision": {"feature_layer": -1}, "projector": {"norm": False}}
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"vision": {"use_cls": True, "feature_layer": -2}},  # strategy "full", an earlier layer
+        {"lm": {"tie_embeddings": False, "bias": True, "n_kv_heads": 1}},
+        {"projector": {"norm": False, "hidden": 64}, "lm": {"rope_theta": 500.0}},
+    ],
+    ids=["plain", "cls-layer-2", "untied-bias-mqa", "hidden-theta"],
+)
+def test_variants_export_and_import(variant, tokenizer, shapes_root, tmp_path):
+    parts = {k: {**EXPORTABLE_SMALL.get(k, {}), **variant.get(k, {})} for k in ("vision", "projector", "lm")}
+    model = _small_vlm(tokenizer, **parts)
+    out = export_llava(model, tokenizer, tmp_path / "llava")
+    assert tokenizer.chat_template != CHAT_TEMPLATE  # the export changed a copy, not ours
+    llava = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    image = _image(shapes_root)
+    ids, pixels = _ours(model, tokenizer, image)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": f"<image>\n{QUESTION}"}], add_generation_prompt=True, tokenize=False
+    )
+    inputs = processor(images=image, text=text, return_tensors="pt")
+    assert inputs["input_ids"].tolist() == ids.tolist()
+    with torch.no_grad():
+        ours = model(ids, pixels).logits
+        theirs = llava(**inputs).logits
+    assert _rel_diff(ours, theirs) < 1e-4
+    # greedy generation: these random weights answer at length, not with <|end|> at once
+    answer, their_answer = _greedy_both(model, tokenizer, out, image)
+    assert len(answer) == 12 and their_answer == answer
+    # and back: the imported model is ours again, weight for weight
+    back, _, meta = load_model(import_llava(out, tmp_path / "back"))
+    assert meta["stage"] == "import"
+    same = dataclasses.replace(model.cfg, projector=dataclasses.replace(model.cfg.projector, hidden=None))
+    assert dataclasses.asdict(back.cfg) == dataclasses.asdict(same)  # hidden=null is the LM width
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids, pixels).logits, ours, atol=0, rtol=0)
+
+
+def _train_config(*overrides: str):
+    return load_train_config(compose("train", ["paths.run_dir=unused", *overrides]))  # nothing is written
+
+
+def _model_config(*overrides: str) -> VLMConfig:
+    m = _train_config(*overrides).model
+    return VLMConfig(m.vision, m.projector, m.lm)
+
+
+@pytest.mark.parametrize(
+    "overrides, part, key",
+    [
+        (["model=svlm"], "resampler projector", "model.projector.kind=resampler"),
+        (["model=svlm"], "mixture of experts", "model.lm.mlp=moe"),
+        (["model=svlm"], "low-rank reducer", "model.lm.d_in=4096"),
+        (["model=svlm"], "learned positions", "model.lm.pos=learned"),
+        (["model=svlm"], "layernorm in the language model", "model.lm.norm=layernorm"),
+        (["model=tiny"], "pixel_shuffle token compression", "model.projector.compress=pixel_shuffle"),
+        (["model=tiny"], "projector's LayerNorm", "model.projector.norm=true"),
+        (["model=tiny"], "final LayerNorm", "model.vision.feature_layer=null"),
+        ([*EXPORTABLE, "model.projector.compress=avg_pool"], "avg_pool token compression", "compress=avg_pool"),
+        ([*EXPORTABLE, "model.lm.mlp=gelu"], "gelu feed-forward", "model.lm.mlp=gelu"),
+        ([*EXPORTABLE, "+model.projector.hidden=96"], "projector hidden width", "model.projector.hidden"),
+    ],
+)
+def test_refusals_name_the_part_and_key(overrides, part, key):
+    with pytest.raises(ConfigError) as e:
+        check_exportable(_model_config(*overrides))
+    assert part in str(e.value) and key in str(e.value)
+
+
+def test_exportable_overrides_pass():
+    check_exportable(_model_config(*EXPORTABLE))  # the tiny model with the README's overrides
+    check_exportable(_model_config("model=base", *EXPORTABLE))
+
+
+def test_cli_refuses_and_writes_nothing(tokenizer, tmp_path, capsys):
+    from svlm.checkpoint import save_model
+
+    model = _small_vlm(tokenizer, projector={"compress": "pixel_shuffle", "factor": 2})
+    folder = save_model(tmp_path / "model", model, tokenizer, {"stage": "stage1"})
+    assert main([f"ckpt={folder}", f"out={tmp_path / 'llava'}"]) == 2
+    err = capsys.readouterr().err
+    assert "pixel_shuffle token compression (model.projector.compress=pixel_shuffle)" in err
+    assert "model.vision.feature_layer=null" in err
+    assert not (tmp_path / "llava").exists()
+    assert main([f"ckpt={folder}"]) == 2  # out is required
+    assert "out=<folder> is required" in capsys.readouterr().err
+
+
+def test_export_never_replaces_another_folder(tokenizer, tmp_path):
+    model = _small_vlm(tokenizer, **EXPORTABLE_SMALL)
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not an earlier LLaVA export"):
+        export_llava(model, tokenizer, other)
+    assert (other / "keep.txt").read_text() == "mine"
+    out = export_llava(model, tokenizer, tmp_path / "llava")
+    assert export_llava(model, tokenizer, out) == out  # an earlier export is replaced
+
+
+def test_feature_layer_reads_before_the_final_norm():
+    cfg = VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2)
+    default = VisionEncoder(cfg).eval()
+    layer = VisionEncoder(dataclasses.replace(cfg, feature_layer=-1)).eval()
+    layer.load_state_dict(default.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = default.dinov2(pixel_values=x, output_hidden_states=True)
+        torch.testing.assert_close(default(x), out.last_hidden_state[:, 1:])
+        torch.testing.assert_close(layer(x), out.hidden_states[-1][:, 1:])
+    assert not torch.allclose(layer(x), default(x))
+    with pytest.raises(ValueError, match="model.vision.feature_layer=3 is out of range"):
+        VisionConfig(num_layers=2, feature_layer=3)
+    with pytest.raises(ConfigError, match="model.vision.feature_layer"):
+        _train_config("model.vision.feature_layer=-9")
+
+
+def test_shipped_model_configs_keep_todays_features():
+    for name in ("tiny", "base", "svlm"):
+        assert _train_config(f"model={name}").model.vision.feature_layer is None
+
+
+def test_help(capsys):
+    assert main(["--help"]) == 0
+    assert "python -m svlm.export ckpt=" in capsys.readouterr().out
