@@ -30,9 +30,18 @@ from svlm.tokenizer import load_tokenizer
 META = "svlm.json"
 
 
+# Model settings added after models were trained, with the value that means
+# "as before": left out of the key at that value, so older models keep their key.
+LATER_KEYS = {("vision", "feature_layer"): None}
+
+
 def model_key(model_cfg: dict) -> str:
     """A short hash of a model config: stage 2 only starts from a stage 1 of the same model."""
-    return hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:12]
+    cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in model_cfg.items()}
+    for (group, name), default in LATER_KEYS.items():
+        if isinstance(cfg.get(group), dict) and name in cfg[group] and cfg[group][name] == default:
+            del cfg[group][name]
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def save_model(

@@ -289,3 +289,16 @@ def test_shipped_model_configs_keep_todays_features():
 def test_help(capsys):
     assert main(["--help"]) == 0
     assert "python -m svlm.export ckpt=" in capsys.readouterr().out
+
+
+def test_model_key_unchanged_by_the_new_setting():
+    """Models trained before feature_layer existed keep their key (stage 2 still finds them)."""
+    import hashlib
+
+    from svlm.checkpoint import model_key
+
+    model = dataclasses.asdict(_train_config().model)
+    before = {**model, "vision": {k: v for k, v in model["vision"].items() if k != "feature_layer"}}
+    old_key = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12]
+    assert model_key(model) == old_key
+    assert model_key(dataclasses.asdict(_train_config(*EXPORTABLE[2:3]).model)) != old_key
