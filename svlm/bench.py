@@ -7,15 +7,18 @@
 Takes the same overrides as train.py, plus `bench.*` (see BenchConfig). Prints
 one table and writes the figures as JSON to outputs/bench/<time>/bench.json:
 
-- samples/s and tokens/s of full training steps (forward, backward, AdamW),
-  the median step of the best round after warm-up;
+- samples/s and tokens/s of full training steps as the hardware config runs
+  them (precision, micro-batches with gradient accumulation, gradient
+  checkpointing, hardware.optimizer, hardware.compile), the median step of the
+  best round after warm-up;
 - model FLOPs a step, counted analytically (vision encoder, projector,
   language model, attention included; backward = 2 x forward), the FLOP/s
   achieved, and MFU against an fp32 (or bf16 on a GPU) matmul peak measured in
   the same run right before each round;
 - the data pipeline alone (images decoded and preprocessed a second);
 - the share of padding tokens in batches of the configured data;
-- peak memory (process RSS on the CPU, torch.cuda.max_memory_allocated on a GPU);
+- peak memory (process RSS on the CPU, torch.cuda.max_memory_allocated over
+  the training steps on a GPU) beside the planner's estimate (svlm/memory.py);
 - generation tokens/s with and without the KV cache.
 
 The batches are synthetic (random ids, the model's image slots, random
@@ -56,7 +59,8 @@ class BenchConfig:
     steps: int = 5  # steps a round
     rounds: int = 3  # the best round is reported, each after a fresh matmul peak
     threads: list[int] = field(default_factory=lambda: [0])  # 0: torch's default; e.g. [1, 2]
-    gen_tokens: int = 256
+    gen_tokens: int = 256  # 0: skip the generation figures
+    data: bool = True  # the data pipeline and padding figures (the configured data, built if absent)
     data_images: int = 200
 
 
@@ -146,12 +150,18 @@ def synthetic_batch(model: VLM, batch: int, text_tokens: int, device) -> dict:
     }
 
 
-def time_steps(model, optimizer, batch, steps: int, device) -> list[float]:
+def time_steps(model, optimizer, batch, steps: int, device, micro: int, autocast) -> list[float]:
+    """Seconds of each of `steps` optimizer steps: the batch in micro-batches of
+    `micro` (gradients accumulated), then AdamW."""
     times = []
+    n = batch["input_ids"].shape[0]
     for _ in range(steps):
         t0 = time.perf_counter()
-        out = model(batch["input_ids"], batch["pixel_values"], batch["labels"])
-        out.loss.backward()
+        for i in range(0, n, micro):
+            with autocast:
+                out = model(batch["input_ids"][i : i + micro], batch["pixel_values"][i : i + micro],
+                            batch["labels"][i : i + micro])  # fmt: skip
+            (out.loss * (min(micro, n - i) / n)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -258,59 +268,82 @@ def build_bench_model(cfg, bench: BenchConfig) -> tuple[VLM, int]:
 
 
 def run(cfg, bench: BenchConfig) -> dict:
+    from svlm.memory import choose_optimizer, resolve_precision
     from svlm.training.optim import make_optimizer, set_trainable
 
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.hardware.device != "cpu" else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hw = cfg.hardware
+    device = torch.device("cuda" if torch.cuda.is_available() and hw.device != "cpu" else "cpu")
+    precision = resolve_precision(hw, device.type)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     torch.manual_seed(0)
     model, batch_size = build_bench_model(cfg, bench)
+    micro = min(hw.micro_batch_size or batch_size, batch_size)
     stage = cfg.stages()[-1]
     if bench.size is not None:  # every part trained
         stage = dataclasses.replace(stage, train_vision=True, train_projector=True, unfreeze_lm_top_layers=-1,
                                     train_text_embed=True)  # fmt: skip
     set_trainable(model, stage)
-    model.to(device).train()
-    optimizer = make_optimizer(model, stage)
-    batch = synthetic_batch(model, batch_size, bench.text_tokens, device)
     tokens = model.num_image_tokens + bench.text_tokens
+    kind, estimate = choose_optimizer(cfg, stage, seq_len=tokens, micro_batch=micro, vocab=model.cfg.lm.vocab_size)
+    print(estimate.table())
+    if hw.grad_checkpointing:
+        model.lm.gradient_checkpointing = True
+        if stage.train_vision:
+            model.vision.dinov2.gradient_checkpointing_enable()
+    if hw.compile:
+        for block in model.lm.layers:
+            block.compile()
+    model.to(device).train()
+    optimizer = make_optimizer(model, stage, kind, pin=device.type == "cuda")
+    batch = synthetic_batch(model, batch_size, bench.text_tokens, device)
     flops = step_flops(model, batch_size, tokens, stage.train_vision)
     results: dict = {
-        "model": bench.size or cfg.model.name, "stage": stage.name, "device": str(device), "batch": batch_size,
-        "tokens_per_sample": tokens, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "model": bench.size or cfg.model.name, "stage": stage.name, "hardware": hw.name, "device": str(device),
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "precision": precision,
+        "optimizer": kind, "grad_checkpointing": hw.grad_checkpointing, "compile": hw.compile, "batch": batch_size,
+        "micro_batch": micro, "tokens_per_sample": tokens, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "trained_params_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
-        "step_gflop": flops / 1e9, "rounds": {},
+        "step_gflop": flops / 1e9, "estimate_gib": estimate.total / 2**30, "rounds": {},
     }  # fmt: skip
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    )
+    autocast = torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=low is not None)
+    peak_dtype = low if low is not None and device.type == "cuda" else torch.float32
     default_threads = torch.get_num_threads()
+    peak_memory = 0
     for threads in bench.threads:
         torch.set_num_threads(threads or default_threads)
         best = None
-        with autocast:
-            time_steps(model, optimizer, batch, bench.warmup, device)
-            for _ in range(bench.rounds):
-                peak = matmul_peak(device, dtype)
-                step = statistics.median(time_steps(model, optimizer, batch, bench.steps, device))
-                if best is None or flops / step / peak > best["mfu"]:
-                    best = {"step_s": step, "peak_gflops": peak / 1e9, "achieved_gflops": flops / step / 1e9,
-                            "mfu": flops / step / peak, "samples_per_s": batch_size / step,
-                            "tokens_per_s": batch_size * tokens / step}  # fmt: skip
+        time_steps(model, optimizer, batch, bench.warmup, device, micro, autocast)
+        for _ in range(bench.rounds):
+            peak = matmul_peak(device, peak_dtype)
+            if device.type == "cuda":  # the peak of the training steps alone (weights and states included)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            step = statistics.median(time_steps(model, optimizer, batch, bench.steps, device, micro, autocast))
+            if device.type == "cuda":
+                peak_memory = max(peak_memory, torch.cuda.max_memory_allocated())
+            if best is None or flops / step / peak > best["mfu"]:
+                best = {"step_s": step, "peak_gflops": peak / 1e9, "achieved_gflops": flops / step / 1e9,
+                        "mfu": flops / step / peak, "samples_per_s": batch_size / step,
+                        "tokens_per_s": batch_size * tokens / step}  # fmt: skip
         results["rounds"][str(threads or default_threads)] = best
     torch.set_num_threads(default_threads)
-    results["generation_tokens_per_s"] = generation_speed(model, device, bench.gen_tokens)
-    if bench.size is None:
-        results["data_images_per_s"] = data_pipeline_speed(cfg, model, bench.data_images)
-        results["padding_share"] = padding_share(cfg, model, batch_size)
     if device.type == "cuda":
-        results["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        results["peak_memory_gib"] = peak_memory / 2**30
+        results["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     else:
         results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if bench.gen_tokens:
+        results["generation_tokens_per_s"] = generation_speed(model, device, bench.gen_tokens)
+    if bench.size is None and bench.data:
+        results["data_images_per_s"] = data_pipeline_speed(cfg, model, bench.data_images)
+        results["padding_share"] = padding_share(cfg, model, batch_size)
     return results
 
 
 def print_table(r: dict) -> None:
-    print(f"{r['model']} ({r['stage']}) on {r['device']}: batch {r['batch']} x {r['tokens_per_sample']} tokens, "
+    print(f"{r['model']} ({r['stage']}) on {r['device_name']}, hardware={r['hardware']}: batch {r['batch']} "
+          f"(micro-batch {r['micro_batch']}) x {r['tokens_per_sample']} tokens, {r['precision']}, {r['optimizer']}"
+          f"{', checkpointing' if r['grad_checkpointing'] else ''}{', compiled' if r['compile'] else ''}; "
           f"{r['params_m']:.1f}M parameters ({r['trained_params_m']:.1f}M trained), "
           f"{r['step_gflop']:.1f} GFLOP a step")  # fmt: skip
     print(
@@ -319,15 +352,17 @@ def print_table(r: dict) -> None:
     for threads, b in r["rounds"].items():
         print(f"  {threads:>7} {b['step_s']:>8.3f} {b['samples_per_s']:>10.1f} {b['tokens_per_s']:>10.0f} "
               f"{b['achieved_gflops']:>9.1f} {b['peak_gflops']:>13.1f} {b['mfu']:>6.1%}")  # fmt: skip
-    g = r["generation_tokens_per_s"]
-    print(f"  generation ({g['new_tokens']} new tokens): {g['with_cache']:.0f} tokens/s with the KV cache, "
-          f"{g['without_cache']:.0f} without ({g['speedup']:.1f}x)")  # fmt: skip
+    if "generation_tokens_per_s" in r:
+        g = r["generation_tokens_per_s"]
+        print(f"  generation ({g['new_tokens']} new tokens): {g['with_cache']:.0f} tokens/s with the KV cache, "
+              f"{g['without_cache']:.0f} without ({g['speedup']:.1f}x)")  # fmt: skip
     if "data_images_per_s" in r:
         print(
             f"  data pipeline: {r['data_images_per_s']:.0f} images/s; padding: {r['padding_share']:.1%} of batch tokens"
         )
     mem = r.get("peak_memory_gib", r.get("peak_rss_gib"))
-    print(f"  peak memory: {mem:.2f} GiB ({'GPU allocated' if 'peak_memory_gib' in r else 'process RSS'})")
+    print(f"  peak memory: {mem:.2f} GiB ({'GPU allocated' if 'peak_memory_gib' in r else 'process RSS'}); "
+          f"estimate (python -m svlm.memory): {r['estimate_gib']:.2f} GiB")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,12 +182,30 @@ class HardwareConfig:
     distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     zero_stage: int = 2  # deepspeed: 2 shards optimizer states and gradients, 3 also parameters
     offload: bool = False  # deepspeed: optimizer states (and with zero_stage 3, parameters) in CPU memory
+    # adamw: torch's AdamW (fused); adamw_offload: fp32 masters and moments in CPU memory,
+    # bf16 weights and gradients on the GPU (svlm/training/optim.py); auto: adamw_offload
+    # only when the memory estimate (python -m svlm.memory) exceeds memory_budget_gb.
+    optimizer: Literal["auto", "adamw", "adamw_offload"] = "adamw"
+    memory_budget_gb: float | None = None  # warn at start when the estimate exceeds it
+    compile: bool = False  # torch.compile each language-model block
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"hardware.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
         if self.offload and self.distributed != "deepspeed":
             raise ConfigError("hardware.offload=true needs hardware.distributed=deepspeed")
+        if self.optimizer == "adamw_offload" and self.precision in ("fp32", "fp16"):
+            raise ConfigError(
+                f"hardware.optimizer=adamw_offload keeps trained weights in bf16: it needs "
+                f"hardware.precision=bf16 (or auto on a GPU), not {self.precision}"
+            )
+        if self.optimizer != "adamw" and self.distributed != "ddp":
+            raise ConfigError(
+                f"hardware.optimizer={self.optimizer} works with hardware.distributed=ddp; "
+                f"{self.distributed} shards the optimizer itself (hardware.offload=true with deepspeed)"
+            )
+        if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
+            raise ConfigError(f"hardware.memory_budget_gb must be positive, got {self.memory_budget_gb}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ConfigError(f"hardware.micro_batch_size must be positive, got {self.micro_batch_size}")
 

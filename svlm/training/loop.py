@@ -47,7 +47,8 @@ from svlm.models.vision import ImageProcessor, sync_with_checkpoint
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.report import draw_curves
 from svlm.tokenizer import tokenizer_for_data
-from svlm.training.optim import lr_factor, make_optimizer, set_trainable
+from svlm.memory import CONTEXT_GIB, choose_optimizer
+from svlm.training.optim import OffloadAdamW, lr_factor, make_optimizer, set_trainable
 from svlm.training.state import (
     ENGINE_STATE,
     TRAINER_STATE,
@@ -345,7 +346,20 @@ def run_stage(
     if val_ds is not None:
         val_part = shard(val_ds, accelerator.process_index, world)
         val_loader = DataLoader(val_part, batch_size=micro, collate_fn=collate, num_workers=cfg.hardware.num_workers)
-    optimizer = make_optimizer(model, stage)
+    kind, estimate = choose_optimizer(cfg, stage, micro_batch=micro, vocab=len(tokenizer))
+    accelerator.print(estimate.table())
+    budget = cfg.hardware.memory_budget_gb
+    if not estimate.fits(budget):
+        accelerator.print(
+            f"[{stage.name}] warning: the estimate ({estimate.total / 2**30:.2f} GiB + {CONTEXT_GIB} GiB for the CUDA "
+            f"context) exceeds hardware.memory_budget_gb={budget:g}: lower hardware.micro_batch_size or data.max_len, "
+            "set hardware.grad_checkpointing=true or hardware.optimizer=adamw_offload"
+        )
+    if cfg.hardware.compile:  # each block compiled once; the rest of the model stays eager
+        for block in model.lm.layers:
+            block.compile()
+    optimizer = make_optimizer(model, stage, kind, pin=accelerator.device.type == "cuda")
+    offloaded = isinstance(optimizer, OffloadAdamW)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, stage.warmup, stage.min_lr_ratio)
     )
@@ -422,6 +436,8 @@ def run_stage(
             "micro": micro,
         }
         weights = accelerator.get_state_dict(model) if sharded else None  # gathered: every process takes part
+        if offloaded:  # the fp32 masters, not the bf16 working copy
+            weights = optimizer.optimizer.master_state_dict(raw)
         extra_dirs = {}
         if sharded:  # every process writes its shard of the optimizer state
             engine = stage_dir / "checkpoints" / f".engine-{step:07d}"
@@ -521,6 +537,8 @@ def run_stage(
     accelerator.wait_for_everyone()
     out_dir = stage_dir / "model"
     weights = accelerator.get_state_dict(model) if sharded else None
+    if offloaded:
+        weights = optimizer.optimizer.master_state_dict(raw)
     truncated = [w for d in parts for w in d.truncated]  # lazily read data adds to it while training
     if main:
         (stage_dir / "bad_samples.json").write_text(
