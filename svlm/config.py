@@ -75,6 +75,9 @@ class DataConfig:
     group_by_length: bool = True  # batch samples of similar length together (less padding)
     on_error: Literal["skip", "raise"] = "skip"  # a bad sample: reported and skipped, or fatal
     max_bad_fraction: float = 0.01  # stop when more than this share of the samples is bad
+    # Encoder outputs computed once and stored under paths.cache/features (svlm/data/feature_cache.py):
+    # auto = when the stage keeps the vision encoder frozen; true = always (an error if it trains); false = never.
+    feature_cache: bool | Literal["auto"] = "auto"
     # shapes only: what to generate
     max_shapes: int = 1
     n_train: int = 6000

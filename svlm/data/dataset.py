@@ -1,4 +1,5 @@
-"""A conversation data set: records -> token ids, labels and (lazily) images."""
+"""A conversation data set: records -> token ids, labels and (lazily) images,
+or the images' cached encoder features (svlm/data/feature_cache.py)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ def encode_record(rec: Record, encoder: ChatEncoder, image_dir: Path, max_len: i
 
 class _Conversations(Dataset):
     """What both data sets share: settings, bad-sample accounting, and turning an
-    Example into a training item (image opened and preprocessed)."""
+    Example into a training item (image opened and preprocessed, or its cached
+    features looked up once `use_features` was called)."""
 
     def __init__(self, image_dir, encoder: ChatEncoder, processor: ImageProcessor, max_len: int, on_error: str,
                  bad: BadSamples | None) -> None:  # fmt: skip
@@ -69,22 +71,38 @@ class _Conversations(Dataset):
         self.bad = bad if bad is not None else BadSamples()
         self.truncated: list[str] = []  # file:line of samples cut to max_len (kept: images and answers left)
         self.fetched = 0  # items asked for
+        self.features = None  # a FeatureView: items carry vision_features instead of pixel_values
 
     def example(self, i: int) -> Example:
         raise NotImplementedError
 
+    def image_files(self) -> set[Path]:
+        """Every image file the samples refer to (what the feature cache computes)."""
+        raise NotImplementedError
+
+    def use_features(self, view) -> None:
+        """Yield the images' cached encoder features (a FeatureView) from now on."""
+        self.features = view
+
     def __getitem__(self, i: int) -> dict | None:
         """The item for the collator, or None for a bad sample (reported and counted)."""
         self.fetched += 1
+        pixels = features = None
         try:
             ex = self.example(i)
-            pixels = self.processor(open_image(ex.image, ex.where)) if ex.image is not None else None
+            if ex.image is not None and self.features is not None:
+                features = self.features.get(ex.image, ex.where)  # (P, Dv) float16
+            elif ex.image is not None:
+                pixels = self.processor(open_image(ex.image, ex.where))  # (3, S, S)
         except DataError as e:
             if self.on_error == "raise":
                 raise
             self.bad.add(e)
             return None
-        return {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
+        item = {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
+        if features is not None:
+            item["vision_features"] = features
+        return item
 
 
 class ChatDataset(_Conversations):
@@ -122,6 +140,9 @@ class ChatDataset(_Conversations):
 
     def example(self, i: int) -> Example:
         return self.examples[i]
+
+    def image_files(self) -> set[Path]:
+        return {e.image for e in self.examples if e.image is not None}
 
     def split(self, fraction: float, seed: int) -> tuple[ChatDataset, ChatDataset]:
         """(rest, held out): about `fraction` of the samples held out, the same ones for the same seed."""
@@ -168,6 +189,18 @@ class LazyChatDataset(_Conversations):
             self.truncated.append(example.where)
         return example
 
+    def image_files(self) -> set[Path]:
+        """Read from every line held (no tokenizing); bad lines are reported when their sample is read."""
+        files = set()
+        for offset, lineno in self.index[self.rows]:
+            try:
+                record = self.reader.read(offset, lineno)
+            except DataError:
+                continue
+            if record.image is not None:
+                files.add(self.image_dir / record.image)
+        return files
+
     def split(self, fraction: float, seed: int) -> tuple[LazyChatDataset, LazyChatDataset]:
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).numpy()
         held = np.zeros(len(self), dtype=bool)
@@ -189,10 +222,19 @@ class MixedDataset(ConcatDataset):
         k = int(np.searchsorted(self.cumulative_sizes, i, side="right"))
         return self.datasets[k].example(i - (self.cumulative_sizes[k - 1] if k else 0))
 
+    def image_files(self) -> set[Path]:
+        return set().union(*(d.image_files() for d in self.datasets))
+
+    def use_features(self, view) -> None:
+        for d in self.datasets:
+            d.use_features(view)
+
 
 class Collator:
     """Pads to the longest sample in the batch (right padding: with a causal
-    model, pads at the end never influence the real tokens)."""
+    model, pads at the end never influence the real tokens). Images come as
+    pixel_values (B_img, 3, S, S), empty when there are none, and, from a data
+    set with cached features, as vision_features (B_img, P, Dv) float16 instead."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -208,4 +250,8 @@ class Collator:
             labels[b, :n] = torch.tensor(it["labels"])
         pixels = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
         pixel_values = torch.stack(pixels) if pixels else torch.zeros(0)
-        return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
+        batch = {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
+        features = [it["vision_features"] for it in items if it.get("vision_features") is not None]
+        if features:
+            batch["vision_features"] = torch.stack(features)
+        return batch

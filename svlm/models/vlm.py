@@ -71,16 +71,28 @@ class VLM(nn.Module):
             feats = self.vision(pixel_values)
         return self.projector(feats)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Text embeddings with every image placeholder replaced by a visual token."""
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, vision_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Text embeddings with every image placeholder replaced by a visual token.
+        The images come as pixel_values (n_images, 3, S, S), or as vision_features
+        (n_images, P, Dv): what the vision encoder outputs for them (from the
+        feature cache, svlm/data/feature_cache.py), which skips the encoder."""
         embeds = self.lm.embed(input_ids)  # (B, T, E)
         slots = input_ids == self.cfg.image_token_id  # (B, T)
         n_slots = int(slots.sum())
-        if pixel_values is None or pixel_values.shape[0] == 0:
+        has_pixels = pixel_values is not None and pixel_values.shape[0] > 0
+        has_features = vision_features is not None and vision_features.shape[0] > 0
+        if has_pixels and has_features:
+            raise ValueError("give the images as pixel_values or as vision_features, not both")
+        if not (has_pixels or has_features):
             if n_slots:
                 raise ValueError(f"input has {n_slots} image placeholder tokens but no image was given")
             return embeds
-        visual = self.encode_images(pixel_values.to(embeds.dtype))  # (n_images, N, E)
+        if has_features:
+            visual = self.projector(vision_features.to(embeds.dtype))  # (n_images, N, E)
+        else:
+            visual = self.encode_images(pixel_values.to(embeds.dtype))  # (n_images, N, E)
         if n_slots != visual.shape[0] * visual.shape[1]:
             raise ValueError(
                 f"input has {n_slots} image placeholder tokens but {visual.shape[0]} image(s) "
@@ -96,8 +108,9 @@ class VLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        vision_features: torch.Tensor | None = None,  # instead of pixel_values: see embed
     ) -> VLMOutput:
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, vision_features)
         out = self.lm(inputs_embeds=embeds, cache=cache)
         if labels is None:
             return VLMOutput(out.logits, None, None, 0)

@@ -40,6 +40,8 @@ from svlm.checkpoint import is_model_folder, load_model, model_key, resolve_mode
 from svlm.config import ConfigError, HardwareConfig, StageConfig, TrainConfig, build
 from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.dataset import ChatDataset, Collator, LazyChatDataset, MixedDataset
+from svlm.data.feature_cache import attach as attach_features
+from svlm.data.feature_cache import cache_applies
 from svlm.data.formats import BadSamples, DataError
 from svlm.data.source import data_root, load_splits, train_files
 from svlm.evaluation import shard, validate
@@ -308,6 +310,14 @@ def run_stage(
     bad = BadSamples()
     max_len = min(cfg.data.max_len, model.cfg.lm.max_seq_len)
     train_ds, val_ds = load_splits(cfg.data, root, stage.task, encoder, processor, max_len, bad, cfg.seed)
+    if cache_applies(cfg.data.feature_cache, stage.train_vision, stage.name):
+        # A frozen encoder: its outputs are computed once (on the main process), then read from disk.
+        model.vision.to(accelerator.device)
+        attach_features(
+            train_ds, model.vision, processor, Path(cfg.paths.cache) / "features",
+            is_main=accelerator.is_local_main_process, wait=accelerator.wait_for_everyone,
+            log=lambda m: accelerator.print(f"[{stage.name}] {m}"),
+        )  # fmt: skip
     parts = train_ds.datasets if isinstance(train_ds, MixedDataset) else [train_ds]
     lazy_parts = [d for d in parts if isinstance(d, LazyChatDataset)]
     if not lazy_parts:  # every record was read: judge the data now
@@ -467,7 +477,8 @@ def run_stage(
             sync = micro_step == accum - 1
             with accelerator.no_sync(model) if not sync else nullcontext():
                 with accelerator.autocast():
-                    out = model(batch["input_ids"], batch["pixel_values"], batch["labels"])
+                    out = model(batch["input_ids"], batch["pixel_values"], batch["labels"],
+                                vision_features=batch.get("vision_features"))  # fmt: skip
                 # DDP averages gradients over processes: scale by `world` to get the global token mean.
                 loss = out.ce_loss * (out.n_tokens * world / step_tokens) + (out.loss - out.ce_loss) / accum
                 accelerator.backward(loss * accum if deepspeed else loss)  # DeepSpeed divides by accum itself

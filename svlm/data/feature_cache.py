@@ -1,0 +1,396 @@
+"""Frozen-encoder feature cache: the vision encoder's outputs computed once,
+kept on disk in half precision, and read back in every later epoch, stage and run.
+
+A frozen encoder (stage.train_vision=false) gives an image the same features
+every time it sees it, and nothing in SVLM augments images, so running it at
+every step repeats work. With the cache a stage starts by computing the
+features of the images not stored yet (batched, under no_grad, with a progress
+bar); the training data set then yields `vision_features` (P, Dv) instead of
+`pixel_values`, and the model goes straight to the projector. Validation,
+evaluation and inference still read pixels.
+
+    <paths.cache>/features/
+        image_hashes.json       image file -> content hash, reused while the file's stat is unchanged
+        <cache key>/
+            meta.json           what the key stands for (encoder config, preprocessing, row shape)
+            features.f16        one row of (P, Dv) float16 features per distinct image, appended
+            index.json          image key -> [row, CRC32 of the row], written after its rows
+            lock                held (flock) while features are added
+
+Keys. The cache key hashes (sha256) everything that decides an encoder's
+output: the bytes of every weight, the DINOv2 config, the VisionConfig (image
+size, CLS token, feature layer, ...), the ImageProcessor settings, the stored
+dtype and FORMAT_VERSION. The image key is the sha256 of the image file's
+bytes. Change a weight, a setting or a pixel, and the key changes: a stale
+feature is never read. The same weights loaded from another folder, or saved
+with a stage-1 model, give the same key, so stage 2 and later runs reuse it.
+
+Safety. Rows are written and flushed to disk before the index that points to
+them is atomically replaced: a crash leaves rows nobody points to, never an
+entry without its row. Adding features holds a file lock, so runs sharing a
+cache take turns, and the second finds the first one's rows; reading takes no
+lock, because rows are only ever appended. Each run checks the rows it will
+read against their CRC32 first (one sequential read, less than an epoch
+reads): damaged rows are dropped and computed again; an index that does not
+parse, or a features file shorter than its index says, is rebuilt from
+nothing (new files: a run still reading the old ones keeps its own copy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import zlib
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from svlm.data.formats import DataError
+from svlm.data.images import open_image
+from svlm.errors import ConfigError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no file lock; one run at a time per cache
+    fcntl = None
+
+FORMAT_VERSION = 1  # bump when the layout, or what a stored row means, changes
+DTYPE = np.float16
+FILL_BATCH = 32  # images per encoder forward when filling the cache
+COMMIT_EVERY = 1024  # rows between index writes: a crash loses at most this much work
+FEATURES, INDEX, META, LOCK, HASHES = "features.f16", "index.json", "meta.json", "lock", "image_hashes.json"
+# DINOv2 config entries that do not change what the encoder computes.
+CONFIG_NOISE = {"transformers_version", "architectures", "dtype", "torch_dtype", "name_or_path"}
+
+
+def cache_applies(setting: bool | str, train_vision: bool, stage: str) -> bool:
+    """data.feature_cache: auto = on when the stage keeps the encoder frozen;
+    true = on (a ConfigError when the encoder trains); false = off. Images are
+    never augmented in SVLM; an augmentation, if one is added, must turn the cache off here."""
+    if setting is True and train_vision:
+        raise ConfigError(
+            f"data.feature_cache=true needs a frozen vision encoder, but stage.train_vision=true in {stage}: "
+            "set data.feature_cache=auto (cache only where the encoder is frozen) or false"
+        )
+    return not train_vision if setting == "auto" else bool(setting)
+
+
+# ------------------------------------------------------------------------- keys
+
+
+def encoder_key(vision, processor) -> str:
+    """The cache key of a VisionEncoder and its ImageProcessor (see the module docstring)."""
+    dinov2 = vision.dinov2.config.to_dict()
+    settings = {
+        "format": FORMAT_VERSION,
+        "dtype": np.dtype(DTYPE).name,
+        "vision": {k: v for k, v in dataclasses.asdict(vision.cfg).items() if k != "path"},
+        "dinov2": {k: v for k, v in dinov2.items() if k not in CONFIG_NOISE and not k.startswith("_")},
+        "processor": {
+            "class": type(processor).__qualname__,
+            "size": processor.size,
+            "mean": np.asarray(processor.mean).ravel().tolist(),
+            "std": np.asarray(processor.std).ravel().tolist(),
+        },
+    }
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for name, t in sorted(vision.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:32]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file whole or not at all: a temporary file, flushed, then renamed over."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class FileHashes:
+    """Content hashes (sha256) of image files. A file is read once; later its hash
+    is reused while its size, modification time, change time and inode are the
+    same. Editing a file in place changes its change time (which no tool can set
+    back), so an edited image is read and hashed again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.known = json.loads(path.read_text(encoding="utf-8"))
+            assert isinstance(self.known, dict)
+        except (OSError, ValueError, AssertionError):
+            self.known = {}  # none yet, or unreadable: hash again
+        self.changed = False
+
+    def digest(self, file: Path) -> str | None:
+        """The file's content hash, or None when it is not a readable file."""
+        try:
+            st = os.stat(file)
+        except OSError:
+            return None
+        name = os.path.abspath(file)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        seen = self.known.get(name)
+        if isinstance(seen, list) and seen[:4] == stamp:
+            return seen[4]
+        h = hashlib.sha256()
+        try:
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError:
+            return None
+        digest = h.hexdigest()[:32]
+        self.known[name] = [*stamp, digest]
+        self.changed = True
+        return digest
+
+    def save(self) -> None:
+        if self.changed:  # several runs may save at once: the last one's table wins, none is torn
+            write_atomic(self.path, json.dumps(self.known))
+            self.changed = False
+
+
+# ------------------------------------------------------------------------ store
+
+
+@torch.no_grad()
+def encode(vision, pixels: torch.Tensor) -> np.ndarray:
+    """pixel_values (B, 3, S, S) -> features (B, P, Dv) as stored: float16, on the CPU.
+    fp32 weights, no autocast: the cached features are the encoder's exact output, rounded once."""
+    device = next(vision.parameters()).device
+    feats = vision(pixels.to(device)).float().cpu().numpy()  # (B, P, Dv)
+    stored = feats.astype(DTYPE)
+    if not np.isfinite(stored).all():
+        raise ValueError(
+            f"vision features out of float16 range (largest magnitude {np.abs(feats).max():.3g}): "
+            "they cannot be cached; set data.feature_cache=false"
+        )
+    return stored
+
+
+class FeatureCache:
+    """The features of one encoder + preprocessing, under `root`/<cache key>/."""
+
+    def __init__(self, root: str | os.PathLike, vision, processor, log: Callable[[str], None] = print) -> None:
+        self.root = Path(root)
+        self.key = encoder_key(vision, processor)
+        self.folder = self.root / self.key
+        self.processor = processor
+        self.shape = (vision.num_patches + int(vision.cfg.use_cls), vision.hidden_size)  # (P, Dv) of a row
+        self.row_bytes = int(np.prod(self.shape)) * np.dtype(DTYPE).itemsize
+        self.log = log
+        self.meta = {
+            "format": FORMAT_VERSION,
+            "dtype": np.dtype(DTYPE).name,
+            "row_shape": list(self.shape),
+            "vision": dataclasses.asdict(vision.cfg),
+            "processor": {"size": processor.size},
+        }
+
+    def image_keys(self, files: Iterable[Path]) -> dict[str, str]:
+        """str(file) -> image key (content hash); files that cannot be read are left out."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        hashes = FileHashes(self.root / HASHES)
+        keys = {}
+        for file in files:
+            digest = hashes.digest(file)
+            if digest is not None:
+                keys[str(file)] = digest
+        hashes.save()
+        return keys
+
+    # -- writing (one process at a time, under the lock)
+
+    @contextmanager
+    def _locked(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / LOCK, "a") as f:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_EX)  # waits while another run adds features
+            try:
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _empty(self) -> dict:
+        return {"format": FORMAT_VERSION, "row_bytes": self.row_bytes, "rows": 0, "entries": {}}
+
+    def _rebuild(self, why: str) -> dict:
+        self.log(f"feature cache {self.folder}: {why}; rebuilding it")
+        for name in (INDEX, FEATURES):  # unlinked, not truncated: readers keep their old files
+            (self.folder / name).unlink(missing_ok=True)
+        return self._empty()
+
+    def _load_index(self, check: Iterable[str]) -> dict:
+        """The index, with the rows of the image keys in `check` verified by CRC32."""
+        try:
+            index = json.loads((self.folder / INDEX).read_text(encoding="utf-8"))
+            rows, entries = int(index["rows"]), index["entries"]
+            if index["format"] != FORMAT_VERSION or index["row_bytes"] != self.row_bytes:
+                return self._rebuild("written in another format")
+            if not isinstance(entries, dict) or any(not 0 <= e[0] < rows for e in entries.values()):
+                raise ValueError("bad entries")
+        except FileNotFoundError:
+            return self._empty()  # new (a features file without an index holds rows nobody points to)
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return self._rebuild("its index is damaged")
+        size = (self.folder / FEATURES).stat().st_size if (self.folder / FEATURES).is_file() else 0
+        if size < rows * self.row_bytes:
+            return self._rebuild(f"{FEATURES} is truncated ({size} bytes, {rows} rows expected)")
+        if rows:
+            array = np.memmap(self.folder / FEATURES, DTYPE, "r", shape=(rows, *self.shape))
+            damaged = [k for k in check if k in entries and zlib.crc32(array[entries[k][0]]) != entries[k][1]]
+            del array
+            for k in damaged:
+                del entries[k]
+            if damaged:
+                self.log(f"feature cache {self.folder}: {len(damaged)} damaged row(s), computed again")
+        return index
+
+    def _commit(self, index: dict, out) -> None:
+        out.flush()
+        os.fsync(out.fileno())  # the rows are on disk before the index that points to them
+        write_atomic(self.folder / INDEX, json.dumps(index))
+
+    def fill(self, keys: dict[str, str], vision, show_progress: bool = True) -> int:
+        """Compute and store the features of every image in `keys` (str(file) -> image
+        key) that the cache lacks, with `vision` (a VisionEncoder, on any device).
+        Returns how many were computed. Images that cannot be decoded are left out:
+        their samples are reported as bad when read, as without the cache."""
+        wanted: dict[str, str] = {}  # image key -> one file with that content
+        for file, key in keys.items():
+            wanted.setdefault(key, file)
+        with self._locked():
+            index = self._load_index(wanted)
+            missing = [(k, f) for k, f in wanted.items() if k not in index["entries"]]
+            if not missing:
+                return 0
+            if not (self.folder / META).is_file():
+                write_atomic(self.folder / META, json.dumps(self.meta, indent=2, default=str))
+            was_training = vision.training
+            vision.eval()
+            path = self.folder / FEATURES
+            done = since_commit = 0
+            with open(path, "r+b" if path.is_file() else "w+b") as out, tqdm(
+                total=len(missing), desc="feature cache", unit="img", disable=not show_progress, dynamic_ncols=True
+            ) as bar:  # fmt: skip
+                for start in range(0, len(missing), FILL_BATCH):
+                    chunk, pixels = [], []
+                    for key, file in missing[start : start + FILL_BATCH]:
+                        try:
+                            pixels.append(self.processor(open_image(file)))
+                            chunk.append(key)
+                        except DataError:
+                            continue  # reported with its samples
+                    if chunk:
+                        feats = encode(vision, torch.stack(pixels))  # (n, P, Dv) float16
+                        if feats.shape[1:] != self.shape:
+                            raise RuntimeError(f"encoder gave features {feats.shape[1:]}, expected {self.shape}")
+                        out.seek(index["rows"] * self.row_bytes)
+                        for key, row in zip(chunk, feats):
+                            out.write(row.tobytes())
+                            index["entries"][key] = [index["rows"], zlib.crc32(row)]
+                            index["rows"] += 1
+                    done, since_commit = done + len(chunk), since_commit + len(chunk)
+                    bar.update(min(FILL_BATCH, len(missing) - start))
+                    if since_commit >= COMMIT_EVERY:
+                        self._commit(index, out)
+                        since_commit = 0
+                self._commit(index, out)
+            vision.train(was_training)
+            return done
+
+    # -- reading (any process)
+
+    def view(self, keys: dict[str, str]) -> FeatureView:
+        """What a data set reads: image file -> its features, for the files in `keys`
+        that the cache holds (the index as it is now; rows are never rewritten)."""
+        try:
+            index = json.loads((self.folder / INDEX).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            index = self._empty()
+        rows = {file: index["entries"][k][0] for file, k in keys.items() if k in index["entries"]}
+        return FeatureView(self.folder / FEATURES, rows, index["rows"], self.shape)
+
+
+class FeatureView:
+    """Image file -> its cached features, a (P, Dv) float16 tensor, read from the
+    memory-mapped rows. Picklable for data-loader workers: a worker maps the
+    file again, after checking it is still the same file (not rebuilt since)."""
+
+    def __init__(self, path: Path, rows: dict[str, int], n_rows: int, shape: tuple[int, int]) -> None:
+        self.path, self.rows, self.shape = path, rows, (n_rows, *shape)
+        self._array = None
+        self.identity = None
+        if n_rows:
+            st = os.stat(path)
+            self.identity = (st.st_dev, st.st_ino)
+            self._array = np.memmap(path, DTYPE, "r", shape=self.shape)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) != self.identity:
+                raise RuntimeError(f"the feature cache {self.path.parent} was rebuilt by another run: start again")
+            self._array = np.memmap(self.path, DTYPE, "r", shape=self.shape)
+        return self._array
+
+    def get(self, file: Path, where: str) -> torch.Tensor:
+        """The features of `file`; a DataError (as without the cache) when it has none."""
+        row = self.rows.get(str(file))
+        if row is None:
+            open_image(file, where)  # an unreadable image raises the usual error
+            raise DataError(where, "missing features", f"{file} is not in the feature cache {self.path.parent}")
+        return torch.from_numpy(np.array(self.array()[row]))  # (P, Dv), a copy out of the map
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_array": None}
+
+
+# --------------------------------------------------------------------- training
+
+
+def attach(
+    dataset,
+    vision,
+    processor,
+    root: str | os.PathLike,
+    is_main: bool = True,
+    wait: Callable[[], None] = lambda: None,
+    log: Callable[[str], None] = print,
+) -> tuple[FeatureView, int]:
+    """Fill the cache with the features of every image `dataset` may load (the main
+    process computes them on `vision`'s device; the others `wait`), then make the
+    data set yield `vision_features`. Returns the view and how many features were
+    computed (0: all were cached)."""
+    cache = FeatureCache(root, vision, processor, log)
+    files = sorted(dataset.image_files(), key=str)
+    computed = cache.fill(cache.image_keys(files), vision) if is_main else 0
+    wait()
+    view = cache.view(cache.image_keys(files))  # files unchanged since: their hashes are remembered
+    dataset.use_features(view)
+    log(
+        f"feature cache: {len(view)} of {len(files)} images cached, {computed} computed now ({cache.folder}); "
+        "data.feature_cache=false turns it off"
+    )
+    return view, computed

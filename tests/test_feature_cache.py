@@ -1,0 +1,208 @@
+"""The frozen-encoder feature cache (svlm/data/feature_cache.py): exact features,
+the same training losses, reuse, keys that change with what they stand for, and
+damaged files found and rebuilt."""
+
+import json
+import pickle
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import IMAGE_SIZE, compose, path_overrides, tiny_train_overrides
+from PIL import Image
+
+from svlm.config import ConfigError, load_train_config
+from svlm.data.chat import ChatEncoder
+from svlm.data.dataset import ChatDataset, Collator, LazyChatDataset
+from svlm.data.feature_cache import FEATURES, INDEX, FeatureCache, attach, encoder_key
+from svlm.data.formats import DataError
+from svlm.data.images import open_image
+from svlm.models.vision import ImageProcessor, VisionConfig, VisionEncoder
+from svlm.training.loop import train
+
+VISION = dict(image_size=IMAGE_SIZE, patch_size=8, hidden_size=32, num_layers=1, num_heads=2)
+
+
+@pytest.fixture
+def vision() -> VisionEncoder:
+    torch.manual_seed(0)
+    return VisionEncoder(VisionConfig(**VISION)).eval()
+
+
+@pytest.fixture
+def processor() -> ImageProcessor:
+    return ImageProcessor(VisionConfig(**VISION))
+
+
+@pytest.fixture
+def images(shapes_root, tmp_path) -> list[Path]:
+    """Copies of 6 pictures (the tests edit them) and one duplicate of the first."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    files = [shutil.copy(p, folder) for p in sorted((shapes_root / "images").glob("train-*.png"))[:6]]
+    shutil.copy(files[0], folder / "same-as-first.png")
+    return [Path(f) for f in files] + [folder / "same-as-first.png"]
+
+
+def encoder_output(vision, processor, files) -> torch.Tensor:
+    with torch.no_grad():
+        return vision(torch.stack([processor(open_image(f)) for f in files]))  # (n, P, Dv)
+
+
+def cached(cache: FeatureCache, files) -> torch.Tensor:
+    view = cache.view(cache.image_keys(files))
+    return torch.stack([view.get(f, str(f)) for f in files])
+
+
+def test_cached_features_equal_the_encoder_output(tmp_path, vision, processor, images):
+    cache = FeatureCache(tmp_path / "features", vision, processor)
+    keys = cache.image_keys(images)
+    assert keys[str(images[0])] == keys[str(images[-1])]  # the same bytes: one image key, one row
+    assert cache.fill(keys, vision, show_progress=False) == 6
+    got = cached(cache, images)
+    assert got.dtype == torch.float16 and got.shape == (7, 16, 32)
+    torch.testing.assert_close(got.float(), encoder_output(vision, processor, images), atol=2e-3, rtol=1e-3)
+    assert cache.fill(cache.image_keys(images), vision, show_progress=False) == 0  # nothing new
+    meta = json.loads((cache.folder / "meta.json").read_text())
+    assert meta["row_shape"] == [16, 32] and meta["dtype"] == "float16"
+
+
+def test_keys_change_with_weights_settings_and_pixels(tmp_path, vision, processor, images):
+    key = encoder_key(vision, processor)
+    same = VisionEncoder(VisionConfig(**VISION))  # other random weights, then the same ones loaded
+    assert encoder_key(same, processor) != key
+    same.load_state_dict(vision.state_dict())
+    assert encoder_key(same, processor) == key  # e.g. the encoder of a saved stage-1 model
+    with torch.no_grad():
+        same.dinov2.encoder.layer[0].mlp.fc1.weight[0, 0] += 1e-4
+    assert encoder_key(same, processor) != key
+    other_stats = ImageProcessor(VisionConfig(**VISION, image_mean=[0.5, 0.5, 0.5]))
+    assert encoder_key(vision, other_stats) != key
+    for change in ({"use_cls": True}, {"feature_layer": -1}):
+        other = VisionEncoder(VisionConfig(**VISION, **change))
+        other.load_state_dict(vision.state_dict())
+        assert encoder_key(other, processor) != key, change
+
+    # An image edited in place gets a new key: its features are computed again, never served stale.
+    cache = FeatureCache(tmp_path / "features", vision, processor)
+    cache.fill(cache.image_keys(images), vision, show_progress=False)
+    before = cache.image_keys(images)[str(images[1])]
+    Image.open(images[2]).save(images[1])  # same name, other picture
+    keys = cache.image_keys(images)
+    assert keys[str(images[1])] != before
+    assert cache.fill(keys, vision, show_progress=False) == 0  # that content (images[2]) is cached already
+    Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (1, 2, 3)).save(images[1])
+    assert cache.fill(cache.image_keys(images), vision, show_progress=False) == 1
+    torch.testing.assert_close(
+        cached(cache, images[1:2]).float(), encoder_output(vision, processor, images[1:2]), atol=2e-3, rtol=1e-3
+    )
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "bad index", "unfinished rows"])
+def test_damaged_cache_is_found_and_rebuilt(tmp_path, vision, processor, images, damage):
+    cache = FeatureCache(tmp_path / "features", vision, processor, log=lambda m: None)
+    cache.fill(cache.image_keys(images), vision, show_progress=False)
+    features, index = cache.folder / FEATURES, cache.folder / INDEX
+    data = bytearray(features.read_bytes())
+    if damage == "truncated":  # e.g. a full disk
+        features.write_bytes(data[: len(data) // 2])
+        expected = 6
+    elif damage == "flipped":  # a damaged block in one row
+        row = json.loads(index.read_text())["entries"][cache.image_keys(images[3:4])[str(images[3])]][0]
+        data[row * cache.row_bytes + 10] ^= 0xFF
+        features.write_bytes(bytes(data))
+        expected = 1
+    elif damage == "bad index":
+        index.write_text('{"format": 1, "rows": 6, "entr')
+        expected = 6
+    else:  # a run killed after writing rows, before its index: rows nobody points to
+        features.write_bytes(bytes(data) + b"\x00" * (cache.row_bytes + 7))
+        expected = 0
+    assert cache.fill(cache.image_keys(images), vision, show_progress=False) == expected
+    torch.testing.assert_close(
+        cached(cache, images).float(), encoder_output(vision, processor, images), atol=2e-3, rtol=1e-3
+    )
+
+
+def test_two_runs_filling_one_cache_take_turns(tmp_path, vision, processor, images):
+    caches = [FeatureCache(tmp_path / "features", vision, processor) for _ in range(2)]
+    computed = []
+    threads = [
+        threading.Thread(target=lambda c=c: computed.append(c.fill(c.image_keys(images), vision, False)))
+        for c in caches
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(computed) == [0, 6]  # the second waited for the lock and found every row
+    assert json.loads((caches[0].folder / INDEX).read_text())["rows"] == 6
+    torch.testing.assert_close(
+        cached(caches[1], images).float(), encoder_output(vision, processor, images), atol=2e-3, rtol=1e-3
+    )
+
+
+def test_data_sets_yield_cached_features(tmp_path, shapes_root, tokenizer, vision, processor):
+    encoder = ChatEncoder(tokenizer, 4)
+    path = shapes_root / "pretrain_val.jsonl"
+    for ds in (
+        ChatDataset([path], shapes_root / "images", encoder, processor, 256),
+        LazyChatDataset(path, shapes_root / "images", encoder, processor, 256),
+    ):
+        plain = [ds[i] for i in range(4)]
+        view, _ = attach(ds, vision, processor, tmp_path / "features", log=lambda m: None)
+        assert len(view) == len(ds.image_files()) == 16
+        items = [ds[i] for i in range(4)]
+        assert all(it["pixel_values"] is None and it["vision_features"].shape == (16, 32) for it in items)
+        with torch.no_grad():
+            expected = vision(torch.stack([it["pixel_values"] for it in plain]))
+        batch = Collator(encoder.pad_id)(items)
+        assert batch["pixel_values"].shape[0] == 0
+        torch.testing.assert_close(batch["vision_features"].float(), expected, atol=2e-3, rtol=1e-3)
+        worker_copy = pickle.loads(pickle.dumps(ds))  # what a data-loader worker gets: no array inside
+        assert len(pickle.dumps(view)) < 10_000
+        assert torch.equal(worker_copy[0]["vision_features"], items[0]["vision_features"])
+    # an image that cannot be decoded is a bad sample, as without the cache
+    with pytest.raises(DataError, match="missing image|unreadable"):
+        view.get(tmp_path / "nothing.png", "x:1")
+
+
+def _losses(run: Path, stage: str = "stage1") -> list[float]:
+    lines = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
+    return [m["train/loss"] for m in lines if "train/loss" in m]
+
+
+def test_training_with_the_cache(tmp_path, cache_dir, shapes_root, capsys):
+    def run(name, *extra, stage="stage1"):
+        overrides = [*tiny_train_overrides(stage), *path_overrides(tmp_path, cache_dir, tmp_path / name), *extra]
+        train(load_train_config(compose("train", overrides)))
+        return tmp_path / name
+
+    frozen = ["stage.train_vision=false", "stage.log_every=1"]
+    plain = _losses(run("plain", *frozen, "data.feature_cache=false"))
+    assert "feature cache" not in capsys.readouterr().out
+    with_cache = _losses(run("cached", *frozen, "data.feature_cache=true"))
+    assert "feature cache:" in capsys.readouterr().out
+    assert len(plain) == len(with_cache) == 3
+    np.testing.assert_allclose(with_cache, plain, rtol=2e-3)
+
+    # Later runs and stages (the same frozen encoder, from the stage-1 model) compute nothing.
+    folders = [p for p in (cache_dir / "features").iterdir() if p.is_dir()]
+    stamps = {p: (p / FEATURES).stat().st_mtime_ns for p in folders}
+    both = ["stage.stage1.train_vision=false", "stage.stage2.train_vision=false"]
+    run("both", *both, stage="both")  # data.feature_cache=auto: on, the encoder is frozen
+    out = capsys.readouterr().out
+    assert out.count("feature cache:") == 2 and out.count(", 0 computed now") == 2
+    assert {p: (p / FEATURES).stat().st_mtime_ns for p in folders} == stamps
+
+
+def test_feature_cache_setting(make_train_cfg):
+    cfg = make_train_cfg("data.feature_cache=true", stage="stage1")  # stage1 trains the encoder
+    with pytest.raises(ConfigError, match=r"data\.feature_cache=true .*stage\.train_vision=true"):
+        train(cfg)
+    with pytest.raises(ConfigError, match=r"data\.feature_cache"):
+        make_train_cfg("data.feature_cache=sometimes")
+    assert make_train_cfg().data.feature_cache == "auto"
