@@ -128,6 +128,7 @@ class StageConfig:
     save_every: int = 0  # optimizer steps between checkpoints to resume from (0: only the final model)
     keep_last: int = 3  # checkpoints kept (0: all)
     max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
+    sample_grid: int = 8  # validation samples answered and drawn as a PNG at each validation (0: none)
 
     def __post_init__(self) -> None:
         if self.name not in ("stage1", "stage2"):
@@ -144,6 +145,8 @@ class StageConfig:
             raise ConfigError(f"stage.warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if len(self.betas) != 2:
             raise ConfigError(f"stage.betas needs two values, got {self.betas}")
+        if self.sample_grid < 0:
+            raise ConfigError(f"stage.sample_grid is a number of samples (0: no grid), got {self.sample_grid}")
         if not (self.train_vision or self.train_projector or self.unfreeze_lm_top_layers or self.train_text_embed):
             raise ConfigError(
                 "stage trains nothing: set stage.train_vision, stage.train_projector, "
@@ -154,7 +157,7 @@ class StageConfig:
 @dataclass
 class BothStagesConfig:
     """stage=both: stage 1, then stage 2 from its result. lr, epochs,
-    steps_per_epoch and max_steps, when set here, apply to both stages."""
+    steps_per_epoch, max_steps and sample_grid, when set here, apply to both stages."""
 
     name: str = "both"
     stage1: StageConfig = field(default_factory=StageConfig)
@@ -163,11 +166,12 @@ class BothStagesConfig:
     epochs: int | None = None
     steps_per_epoch: int | None = None
     max_steps: int | None = None
+    sample_grid: int | None = None
 
     def stages(self) -> list[StageConfig]:
         out = []
         for s in (self.stage1, self.stage2):
-            changes = {k: getattr(self, k) for k in ("lr", "epochs", "steps_per_epoch", "max_steps")}
+            changes = {k: getattr(self, k) for k in ("lr", "epochs", "steps_per_epoch", "max_steps", "sample_grid")}
             out.append(dataclasses.replace(s, **{k: v for k, v in changes.items() if v is not None}))
         return out
 

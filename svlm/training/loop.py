@@ -9,6 +9,7 @@ Everything a run writes goes under cfg.paths.run_dir:
     <run_dir>/<stage>/metrics.jsonl    one JSON object per logged step / validation
     <run_dir>/<stage>/bad_samples.json what the data loader skipped, by reason
     <run_dir>/<stage>/checkpoints/     periodic model folders (stage.save_every)
+    <run_dir>/<stage>/samples/         a grid of answered validation samples per validation (stage.sample_grid)
     <run_dir>/<stage>/model/           the finished model (weights, config, tokenizer)
 """
 
@@ -48,6 +49,7 @@ from svlm.evaluation import shard, validate
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.report import draw_curves
+from svlm.samples import sample_grid
 from svlm.tokenizer import tokenizer_for_data
 from svlm.memory import CONTEXT_GIB, choose_optimizer
 from svlm.training.optim import OffloadAdamW, lr_factor, make_optimizer, set_trainable
@@ -532,6 +534,9 @@ def run_stage(
             val = validate(model, val_loader, accelerator.autocast, stage.val_batches)
             log.log({"step": done, **val})
             bar.write(f"[{stage.name}] step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
+            sample_grid(raw, encoder, val_ds, stage.sample_grid, stage_dir / "samples" / f"step-{done:07d}.png",
+                        f"{stage.name} step {done}", step=done, autocast=accelerator.autocast, main=main,
+                        sharded=sharded, wandb_run=log.wandb)  # fmt: skip
         if stage.save_every and done % stage.save_every == 0 and done < total and not pos["bad_in_a_row"]:
             save_checkpoint(done)  # not during a run of bad steps: the last checkpoint stays a good one
         if stop.signal is not None and done < total:
