@@ -195,7 +195,7 @@ def test_training_with_the_cache(tmp_path, cache_dir, shapes_root, capsys):
     both = ["stage.stage1.train_vision=false", "stage.stage2.train_vision=false"]
     run("both", *both, stage="both")  # data.feature_cache=auto: on, the encoder is frozen
     out = capsys.readouterr().out
-    assert out.count("feature cache:") == 2 and out.count(", 0 computed now") == 2
+    assert out.count("feature cache:") == 2 and out.count(", 0 computed now") == 2, out
     assert {p: (p / FEATURES).stat().st_mtime_ns for p in folders} == stamps
 
 

@@ -43,6 +43,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 import zlib
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -64,7 +65,7 @@ except ImportError:  # Windows: no file lock; one run at a time per cache
 FORMAT_VERSION = 1  # bump when the layout, or what a stored row means, changes
 DTYPE = np.float16
 FILL_BATCH = 32  # images per encoder forward when filling the cache
-COMMIT_EVERY = 1024  # rows between index writes: a crash loses at most this much work
+COMMIT_EVERY = 1024  # rows between index writes (or an eighth of the rows, if more): what a crash can lose
 FEATURES, INDEX, META, LOCK, HASHES = "features.f16", "index.json", "meta.json", "lock", "image_hashes.json"
 # DINOv2 config entries that do not change what the encoder computes.
 CONFIG_NOISE = {"transformers_version", "architectures", "dtype", "torch_dtype", "name_or_path"}
@@ -310,7 +311,7 @@ class FeatureCache:
                             index["rows"] += 1
                     done, since_commit = done + len(chunk), since_commit + len(chunk)
                     bar.update(min(FILL_BATCH, len(missing) - start))
-                    if since_commit >= COMMIT_EVERY:
+                    if since_commit >= max(COMMIT_EVERY, index["rows"] // 8):  # the index is rewritten whole
                         self._commit(index, out)
                         since_commit = 0
                 self._commit(index, out)
@@ -383,6 +384,7 @@ def attach(
     process computes them on `vision`'s device; the others `wait`), then make the
     data set yield `vision_features`. Returns the view and how many features were
     computed (0: all were cached)."""
+    start = time.perf_counter()
     cache = FeatureCache(root, vision, processor, log)
     files = sorted(dataset.image_files(), key=str)
     computed = cache.fill(cache.image_keys(files), vision) if is_main else 0
@@ -390,7 +392,7 @@ def attach(
     view = cache.view(cache.image_keys(files))  # files unchanged since: their hashes are remembered
     dataset.use_features(view)
     log(
-        f"feature cache: {len(view)} of {len(files)} images cached, {computed} computed now ({cache.folder}); "
-        "data.feature_cache=false turns it off"
+        f"feature cache: {len(view)} of {len(files)} images cached, {computed} computed now "
+        f"({time.perf_counter() - start:.1f}s; {cache.folder}); data.feature_cache=false turns it off"
     )
     return view, computed
