@@ -186,7 +186,7 @@ def saved_bytes(model: VLM, batch: int, seq_len: int, precision: str, device: st
     labels = ids.clone()
     labels[:, :n_img] = -100
     size = model.cfg.vision.image_size
-    pixels = torch.randn(batch, 3, size, size, device=device)
+    pixels = torch.zeros(batch, 3, size, size, device=device)  # sizes, not values, matter
     low = {"bf16": torch.bfloat16, "fp16": torch.float16 if device == "cuda" else torch.bfloat16}.get(precision)
     model.train()
     with torch.autocast(device, dtype=low or torch.bfloat16, enabled=low is not None):
@@ -224,7 +224,6 @@ def estimate_memory(
     # Activations: six small forward passes, each term linear in layers and samples,
     # on the GPU when the run will use one (exact for its autocast), else the CPU.
     where = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
     n_lm, n_vis = cfg.model.lm.n_layers, full.vision.dinov2.config.num_hidden_layers
     measured = {}
     for lm_layers, vis_layers in ((1, 1), (2, 1), (1, 2)):

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
+from conftest import compose, path_overrides
 from torch import nn
 
-from conftest import compose, path_overrides
 from svlm.config import ConfigError, load_train_config
 from svlm.memory import estimate_memory, main, saved_bytes
 from svlm.training.optim import OffloadAdamW, make_optimizer, set_trainable
@@ -111,12 +111,16 @@ def test_memory_command(tmp_path, cache_dir, capsys):
 def test_training_with_offload_saves_fp32_masters(make_train_cfg, tmp_path):
     """hardware.optimizer=adamw_offload trains (bf16 autocast on the CPU here) and
     saves fp32 weights; the start of each stage prints the estimate."""
+    from accelerate.state import AcceleratorState
     from safetensors import safe_open
 
     from svlm.training.loop import train
 
     cfg = make_train_cfg("hardware.precision=bf16", "hardware.optimizer=adamw_offload", stage="stage1", steps=2)
-    [out] = train(cfg)
+    try:
+        [out] = train(cfg)
+    finally:  # accelerate keeps one precision per process: let the next tests choose theirs
+        AcceleratorState._reset_state(reset_partial_state=True)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
     metrics = [json.loads(line) for line in (out.parent / "metrics.jsonl").read_text().splitlines()]

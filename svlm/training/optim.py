@@ -16,7 +16,14 @@ def set_trainable(model: VLM, stage: StageConfig, fresh: bool = False) -> list[s
     left frozen (at random init when the model is `fresh`)."""
     model.requires_grad_(False)
     model.vision.requires_grad_(stage.train_vision)
-    model.vision.dinov2.embeddings.mask_token.requires_grad_(False)  # only for masked pixels: never used here
+    dinov2 = model.vision.dinov2
+    dinov2.embeddings.mask_token.requires_grad_(False)  # only for masked pixels: never used here
+    k = model.cfg.vision.feature_layer
+    if k is not None:  # features read at layer k (before the final LayerNorm): what comes after is unused
+        dinov2.layernorm.requires_grad_(False)
+        n = len(dinov2.encoder.layer)
+        for layer in dinov2.encoder.layer[(k % (n + 1)) :]:
+            layer.requires_grad_(False)
     model.freeze_vision = not stage.train_vision
     model.projector.requires_grad_(stage.train_projector)
     lm = model.lm
