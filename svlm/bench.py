@@ -53,7 +53,9 @@ SIZES = {
 @dataclass
 class BenchConfig:
     size: str | None = None  # tiny | small: the fixed sizes; None: the configured model
-    batch: int | None = None  # samples a step; None: the stage's micro-batch (or the size's)
+    batch: int | None = (
+        None  # samples a step, in micro-batches of hardware.micro_batch_size; None: the stage's (or the size's)
+    )
     text_tokens: int = 96
     warmup: int = 2
     steps: int = 5  # steps a round
@@ -207,8 +209,9 @@ def data_pipeline_speed(cfg, model: VLM, images: int) -> float:
     return len(files) / (time.perf_counter() - t0)
 
 
-def padding_share(cfg, model: VLM, batch: int) -> float:
-    """Pad tokens / batch tokens over one epoch of the configured training data."""
+def padding_share(cfg, model: VLM, batch: int, micro: int | None = None) -> float:
+    """Pad tokens / batch tokens over one epoch of the configured training data,
+    in micro-batches of `micro` (each padded to its longest sample)."""
     from svlm.data.chat import ChatEncoder
     from svlm.data.dataset import ChatDataset
     from svlm.data.source import data_root, load_splits, train_files
@@ -224,11 +227,12 @@ def padding_share(cfg, model: VLM, batch: int) -> float:
         return float("nan")
     lengths = ds.lengths()
     sampler = EpochSampler(len(ds), cfg.seed, cfg.data.shuffle, lengths=lengths if cfg.data.group_by_length else None,
-                           group=batch)  # fmt: skip
+                           group=batch, window=cfg.data.group_window)  # fmt: skip
     order = list(sampler)
     pad = total = 0
-    for start in range(0, len(order), batch):
-        chunk = [lengths[i] for i in order[start : start + batch]]
+    micro = micro or batch
+    for start in range(0, len(order), micro):
+        chunk = [lengths[i] for i in order[start : start + micro]]
         pad += max(chunk) * len(chunk) - sum(chunk)
         total += max(chunk) * len(chunk)
     return pad / total
@@ -252,7 +256,7 @@ def build_bench_model(cfg, bench: BenchConfig) -> tuple[VLM, int]:
         dinov2 = None
         if m.vision.path is not None:  # shapes of the folder's model, random weights
             dinov2 = Dinov2Config.from_pretrained(m.vision.path)
-        batch = bench.batch or cfg.hardware.micro_batch_size or cfg.stages()[-1].batch_size
+        batch = bench.batch or cfg.stages()[-1].batch_size
         return VLM(vlm_cfg, dinov2_config=dinov2), batch
     if bench.size not in SIZES:
         raise ConfigError(f"bench.size must be one of {', '.join(SIZES)} or null, got {bench.size!r}")
@@ -336,7 +340,7 @@ def run(cfg, bench: BenchConfig) -> dict:
         results["generation_tokens_per_s"] = generation_speed(model, device, bench.gen_tokens)
     if bench.size is None and bench.data:
         results["data_images_per_s"] = data_pipeline_speed(cfg, model, bench.data_images)
-        results["padding_share"] = padding_share(cfg, model, batch_size)
+        results["padding_share"] = padding_share(cfg, model, batch_size, micro)
     return results
 
 

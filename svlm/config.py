@@ -73,6 +73,7 @@ class DataConfig:
     max_len: int = 512  # tokens, image placeholders included (the original's --fixed_len)
     shuffle: bool = True  # a new order every epoch; false: file order
     group_by_length: bool = True  # batch samples of similar length together (less padding)
+    group_window: int = 64  # batches whose samples are sorted by length together (more: less padding, less random)
     on_error: Literal["skip", "raise"] = "skip"  # a bad sample: reported and skipped, or fatal
     max_bad_fraction: float = 0.01  # stop when more than this share of the samples is bad
     # Encoder outputs computed once and stored under paths.cache/features (svlm/data/feature_cache.py):
@@ -94,6 +95,8 @@ class DataConfig:
             raise ConfigError("data.val_file and data.val_fraction both set: use one (set data.val_file=null)")
         if self.max_len < 8:
             raise ConfigError(f"data.max_len must be at least 8, got {self.max_len}")
+        if self.group_window < 1:
+            raise ConfigError(f"data.group_window is a number of batches (>= 1), got {self.group_window}")
         if self.kind == "shapes":  # the generator's own checks, at start
             from svlm.data.shapes import ShapesSpec
 

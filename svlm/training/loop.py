@@ -46,12 +46,12 @@ from svlm.data.feature_cache import cache_applies
 from svlm.data.formats import BadSamples, DataError
 from svlm.data.source import data_root, load_splits, train_files
 from svlm.evaluation import shard, validate
+from svlm.memory import CONTEXT_GIB, choose_optimizer
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.report import draw_curves
 from svlm.samples import sample_grid
 from svlm.tokenizer import tokenizer_for_data
-from svlm.memory import CONTEXT_GIB, choose_optimizer
 from svlm.training.optim import OffloadAdamW, lr_factor, make_optimizer, set_trainable
 from svlm.training.state import (
     ENGINE_STATE,
@@ -117,15 +117,20 @@ class EpochSampler(Sampler[int]):
     share of the epoch: weight / sum(weights) of all samples, repeating a small
     source or taking part of a large one. With `lengths` and `group` (the
     optimizer batch), samples of similar length are batched together: the
-    shuffled order is cut into windows of 64 batches, each window is sorted by
-    length and cut into batches, and the batches are shuffled; little padding,
-    still a random mix. `start_at(epoch, skip)` resumes in the middle of an epoch."""
+    shuffled order is cut into windows of `window` batches, each window is
+    sorted by length and cut into batches, and the batches are shuffled; little
+    padding, still a random mix. With window=1 each optimizer batch keeps its
+    random samples, sorted so that its micro-batches have similar lengths.
+    `start_at(epoch, skip)` resumes in the middle of an epoch."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, sizes=None, weights=None, lengths=None, group=0):
+    def __init__(
+        self, n: int, seed: int, shuffle: bool = True, sizes=None, weights=None, lengths=None, group=0, window=64
+    ):
         self.n, self.seed, self.epoch, self.shuffle = n, seed, 0, shuffle
         self.sizes, self.weights = sizes, weights
         self.lengths = torch.as_tensor(lengths) if lengths is not None else None
         self.group = group
+        self.window = window  # batches sorted together: more, less padding; fewer, more random batches
         self.resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -149,7 +154,7 @@ class EpochSampler(Sampler[int]):
 
     def _grouped(self, order: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """Batches of similar length, in random order (see the class docstring)."""
-        window = self.group * 64
+        window = self.group * self.window
         batches = []
         for start in range(0, len(order), window):
             chunk = order[start : start + window]
@@ -325,8 +330,10 @@ def run_stage(
     if not lazy_parts:  # every record was read: judge the data now
         check_bad_fraction(bad, len(train_ds) + (len(val_ds) if val_ds else 0), cfg.data.max_bad_fraction)
 
-    micro = cfg.hardware.micro_batch_size or stage.batch_size
     world = accelerator.num_processes
+    # A micro-batch is at most a process's share of the batch (hardware.micro_batch_size
+    # is a ceiling: stage.batch_size=8 on one process runs in one pass of 8).
+    micro = min(cfg.hardware.micro_batch_size or stage.batch_size, max(1, stage.batch_size // world))
     if stage.batch_size % (micro * world):
         raise ConfigError(
             f"stage.batch_size={stage.batch_size} is not a multiple of hardware.micro_batch_size={micro} "
@@ -344,7 +351,7 @@ def run_stage(
     lengths = train_ds.lengths() if cfg.data.group_by_length and isinstance(train_ds, ChatDataset) else None
     sampler = EpochSampler(
         len(train_ds), cfg.seed, cfg.data.shuffle, *((train_ds.sizes, train_ds.weights) if mixed else (None, None)),
-        lengths=lengths, group=stage.batch_size,
+        lengths=lengths, group=stage.batch_size, window=cfg.data.group_window,
     )  # fmt: skip
     loader = DataLoader(
         train_ds,
