@@ -55,11 +55,12 @@ def validate(model: VLM, loader, autocast, max_batches: int | None = None) -> di
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast():
             out = model(batch["input_ids"], batch["pixel_values"], batch["labels"])
-        loss_sum += float(out.ce_loss) * out.n_tokens
-        tokens += out.n_tokens
+        n = int(out.n_tokens)
+        loss_sum += float(out.ce_loss) * n
+        tokens += n
         pred = out.logits[:, :-1].argmax(-1)
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE

@@ -117,9 +117,10 @@ def test_training_with_offload_saves_fp32_masters(make_train_cfg, tmp_path):
     from svlm.training.loop import train
 
     cfg = make_train_cfg("hardware.precision=bf16", "hardware.optimizer=adamw_offload", stage="stage1", steps=2)
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
     try:
         [out] = train(cfg)
-    finally:  # accelerate keeps one precision per process: let the next tests choose theirs
+    finally:  # let the next tests choose theirs
         AcceleratorState._reset_state(reset_partial_state=True)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}

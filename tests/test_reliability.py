@@ -250,3 +250,34 @@ def test_a_checkpoint_cannot_run_code(tmp_path, monkeypatch):
     with pytest.raises(Exception, match="(?i)weights_only|unpickl|global"):
         load_trainer_state(tmp_path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_training_steps_do_not_read_device_values(make_train_cfg, monkeypatch):
+    """Between logging points a step reads no tensor value on the host (on a GPU
+    each read would wait for the device): losses, gradient norms and the
+    non-finite flags are read together at the next log, validation or checkpoint."""
+    import sys
+
+    reads = []
+
+    def spy(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            where = caller.f_code.co_filename
+            if where.endswith(("svlm/training/loop.py", "vlm.py", "language_model.py", "projector.py")):
+                reads.append((Path(where).name, caller.f_code.co_name, name))
+            return real(self, *args, **kwargs)
+
+        return read
+
+    for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    cfg = make_train_cfg("stage.log_every=100", "stage.eval_every=0", "stage.sample_grid=0", stage="stage1", steps=6)
+    train(cfg)
+    # (the sampler's index lists and the CPU check of image slots are host tensors)
+    in_steps = [r for r in reads if r[1] not in ("flush", "check_slots", "_grouped", "__iter__")]
+    # the only reads: the one log record at the last step (its MoE balancing loss)
+    assert in_steps == [("loop.py", "run_stage", "__float__")], in_steps
+    assert [r for r in reads if r[1] == "flush"] == [("loop.py", "flush", "tolist")]

@@ -251,6 +251,8 @@ class Collator:
         pixels = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
         pixel_values = torch.stack(pixels) if pixels else torch.zeros(0)
         batch = {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
+        # supervised next-token targets, counted here on the CPU so the training step need not ask the GPU
+        batch["n_targets"] = int((labels[:, 1:] != IGNORE).sum())
         features = [it["vision_features"] for it in items if it.get("vision_features") is not None]
         if features:
             batch["vision_features"] = torch.stack(features)

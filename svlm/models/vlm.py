@@ -40,7 +40,19 @@ class VLMOutput:
     logits: torch.Tensor  # (B, T, V)
     loss: torch.Tensor | None  # cross entropy + MoE balancing loss
     ce_loss: torch.Tensor | None  # cross entropy alone, mean over supervised tokens
-    n_tokens: int  # supervised tokens in the batch
+    n_tokens: torch.Tensor | int  # supervised tokens in the batch (a tensor: reading it waits for the device)
+
+
+def check_slots(slots: torch.Tensor, expected: int, given: str) -> None:
+    """The image placeholders must match the visual tokens given. On the CPU a
+    clear ValueError; on a GPU an assertion queued on the device, so the step
+    does not wait for it (a mismatch stops the run at the next sync)."""
+    if slots.device.type == "cpu":
+        n = int(slots.sum())
+        if n != expected:
+            raise ValueError(f"input has {n} image placeholder tokens but {given}")
+    else:
+        torch._assert_async(slots.sum() == expected, f"image placeholder tokens do not match: {given}")
 
 
 class VLM(nn.Module):
@@ -80,24 +92,19 @@ class VLM(nn.Module):
         feature cache, svlm/data/feature_cache.py), which skips the encoder."""
         embeds = self.lm.embed(input_ids)  # (B, T, E)
         slots = input_ids == self.cfg.image_token_id  # (B, T)
-        n_slots = int(slots.sum())
         has_pixels = pixel_values is not None and pixel_values.shape[0] > 0
         has_features = vision_features is not None and vision_features.shape[0] > 0
         if has_pixels and has_features:
             raise ValueError("give the images as pixel_values or as vision_features, not both")
         if not (has_pixels or has_features):
-            if n_slots:
-                raise ValueError(f"input has {n_slots} image placeholder tokens but no image was given")
+            check_slots(slots, 0, "no image was given")
             return embeds
         if has_features:
             visual = self.projector(vision_features.to(embeds.dtype))  # (n_images, N, E)
         else:
             visual = self.encode_images(pixel_values.to(embeds.dtype))  # (n_images, N, E)
-        if n_slots != visual.shape[0] * visual.shape[1]:
-            raise ValueError(
-                f"input has {n_slots} image placeholder tokens but {visual.shape[0]} image(s) "
-                f"x {visual.shape[1]} visual tokens were given"
-            )
+        check_slots(slots, visual.shape[0] * visual.shape[1],
+                    f"{visual.shape[0]} image(s) x {visual.shape[1]} visual tokens were given")  # fmt: skip
         # Images fill the placeholder slots in reading order (row by row).
         embeds = embeds.masked_scatter(slots.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1))
         return embeds
@@ -117,7 +124,7 @@ class VLM(nn.Module):
         # Next-token prediction: the logit at t predicts the label at t+1.
         shift_logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])  # (B*(T-1), V)
         shift_labels = labels[:, 1:].reshape(-1)  # (B*(T-1),)
-        n_tokens = int((shift_labels != -100).sum())
+        n_tokens = (shift_labels != -100).sum()
         ce_sum = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=-100, reduction="sum")
-        ce = ce_sum / max(n_tokens, 1)  # a batch with no supervised token gives 0, not NaN
+        ce = ce_sum / n_tokens.clamp(min=1)  # a batch with no supervised token gives 0, not NaN
         return VLMOutput(out.logits, ce + out.aux_loss, ce, n_tokens)

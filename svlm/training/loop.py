@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from svlm.checkpoint import is_model_folder, load_model, model_key, resolve_model, save_model
 from svlm.config import ConfigError, HardwareConfig, StageConfig, TrainConfig, build
-from svlm.data.chat import IGNORE, ChatEncoder
+from svlm.data.chat import ChatEncoder
 from svlm.data.dataset import ChatDataset, Collator, LazyChatDataset, MixedDataset
 from svlm.data.feature_cache import attach as attach_features
 from svlm.data.feature_cache import cache_applies
@@ -103,6 +103,12 @@ def accelerator_kwargs(hw: HardwareConfig, find_unused_parameters: bool = False)
 
 
 FSDP_WRAP = ["Block", "Dinov2Layer"]
+
+
+def to_device(value: float, device: torch.device) -> torch.Tensor:
+    """A number as a tensor on `device`, copied without waiting for the device's queue."""
+    t = torch.tensor(value)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def make_accelerator(hw: HardwareConfig, find_unused_parameters: bool = False) -> Accelerator:
@@ -379,6 +385,7 @@ def run_stage(
             block.compile()
     optimizer = make_optimizer(model, stage, kind, pin=accelerator.device.type == "cuda")
     offloaded = isinstance(optimizer, OffloadAdamW)
+    raw_optimizer = optimizer  # accelerate wraps it below
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total, stage.warmup, stage.min_lr_ratio)
     )
@@ -474,13 +481,50 @@ def run_stage(
     bar = tqdm(total=total, initial=pos["step"], desc=stage.name, disable=not main, dynamic_ncols=True)
     t0, seen0 = time.time(), pos["seen"]
     val: dict = {}
+    # No step waits for the device: losses, gradient norms and the non-finite
+    # flags stay tensors (a fused AdamW skips a bad update on the device itself)
+    # and are read in one go at the next logging, validation or checkpoint.
+    skip_on_device = not sharded and (getattr(raw_optimizer, "defaults", {}).get("fused") or offloaded)
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, grad norm, bad loss, bad gradient])
+    last_grad_norm = 0.0
+
+    def flush() -> None:
+        """Read the pending steps' figures (one sync) and account for them."""
+        nonlocal last_grad_norm
+        if not pending:
+            return
+        figures = torch.stack([f for _, f in pending]).tolist()
+        steps = [s for s, _ in pending]
+        pending.clear()
+        for step, (loss, grad_norm, bad_loss, bad_grad) in zip(steps, figures):
+            last_grad_norm = grad_norm
+            if not (bad_loss or bad_grad):
+                pos["bad_in_a_row"] = 0
+                pos["window_loss"] += loss
+                pos["window_n"] += 1
+                continue
+            # a non-finite loss or gradient: the update was skipped, the schedule kept
+            pos["bad_in_a_row"] += 1
+            log.log({"step": step, "skipped": f"non-finite {'loss' if bad_loss else 'gradient'}"})
+            bar.write(f"[{stage.name}] step {step}: non-finite loss or gradient, update skipped")
+            if pos["bad_in_a_row"] >= stage.max_bad_steps:
+                last = checkpoints(stage_dir)
+                raise TrainingStopped(
+                    f"[{stage.name}] {pos['bad_in_a_row']} steps in a row had a non-finite loss or gradient "
+                    f"(stage.max_bad_steps={stage.max_bad_steps}); stopped at step {step}. Last good checkpoint: "
+                    f"{last[-1] if last else 'none'}. Try a lower stage.lr or hardware.precision=fp32.",
+                    exit_code=1,
+                )
+
     while pos["step"] < total:
         # The loss is the mean over every supervised token of the optimizer step,
         # across accumulation and processes, whatever the micro-batch split: so
         # 2 processes x b samples train exactly like 1 process x 2b.
         micro_batches = [next(stream) for _ in range(accum)]
-        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro_batches)
-        step_tokens = max(1, int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum")))
+        local_tokens = sum(b["n_targets"] for b in micro_batches)  # counted on the CPU by the collator
+        step_tokens = max(1, local_tokens)
+        if world > 1:  # every process's count: a small all-reduce, queued like the rest
+            step_tokens = accelerator.reduce(to_device(float(local_tokens), accelerator.device), "sum").clamp(min=1)
         ce_sum = torch.zeros((), device=accelerator.device)
         for micro_step, batch in enumerate(micro_batches):
             sync = micro_step == accum - 1
@@ -489,35 +533,32 @@ def run_stage(
                     out = model(batch["input_ids"], batch["pixel_values"], batch["labels"],
                                 vision_features=batch.get("vision_features"))  # fmt: skip
                 # DDP averages gradients over processes: scale by `world` to get the global token mean.
-                loss = out.ce_loss * (out.n_tokens * world / step_tokens) + (out.loss - out.ce_loss) / accum
+                loss = out.ce_loss * out.n_tokens * (world / step_tokens) + (out.loss - out.ce_loss) / accum
                 accelerator.backward(loss * accum if deepspeed else loss)  # DeepSpeed divides by accum itself
             ce_sum += out.ce_loss.detach() * out.n_tokens
             pos["seen"] += batch["input_ids"].shape[0] * world
-        step_loss = float(accelerator.reduce(ce_sum, "sum")) / step_tokens
+        step_loss = accelerator.reduce(ce_sum, "sum") / step_tokens
         grad_norm = accelerator.clip_grad_norm_(trainable, stage.grad_clip if stage.grad_clip > 0 else float("inf"))
-        grad_norm = float(grad_norm) if grad_norm is not None else 0.0  # None: DeepSpeed clips in its engine
+        if grad_norm is None:  # DeepSpeed clips in its engine
+            grad_norm = torch.zeros((), device=accelerator.device)
+        bad_loss, bad_grad = ~torch.isfinite(step_loss), ~torch.isfinite(grad_norm)
         pos["step"] += 1
         done = pos["step"]
-        if math.isfinite(step_loss) and math.isfinite(grad_norm):
+        pending.append((done, torch.stack([step_loss.float(), grad_norm.float(), bad_loss.float(), bad_grad.float()])))
+        if skip_on_device:
+            raw_optimizer.found_inf = (bad_loss | bad_grad).float()  # a bad step changes nothing
             optimizer.step()
-            pos["bad_in_a_row"] = 0
-            pos["window_loss"] += step_loss
-            pos["window_n"] += 1
-        else:  # a non-finite loss or gradient: skip the update, keep the schedule
-            pos["bad_in_a_row"] += 1
-            log.log({"step": done, "skipped": f"non-finite {'loss' if not math.isfinite(step_loss) else 'gradient'}"})
-            bar.write(f"[{stage.name}] step {done}: non-finite loss or gradient, update skipped")
-            if pos["bad_in_a_row"] >= stage.max_bad_steps:
-                last = checkpoints(stage_dir)
-                raise TrainingStopped(
-                    f"[{stage.name}] {pos['bad_in_a_row']} steps in a row had a non-finite loss or gradient "
-                    f"(stage.max_bad_steps={stage.max_bad_steps}); stopped at step {done}. Last good checkpoint: "
-                    f"{last[-1] if last else 'none'}. Try a lower stage.lr or hardware.precision=fp32.",
-                    exit_code=1,
-                )
+        else:  # the engine's optimizer cannot skip by itself: look now
+            flush()
+            if not pos["bad_in_a_row"]:
+                optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         bar.update(1)
+        eval_now = val_loader is not None and ((stage.eval_every and done % stage.eval_every == 0) or done == total)
+        save_now = stage.save_every and done % stage.save_every == 0 and done < total
+        if done % stage.log_every == 0 or done == total or eval_now or save_now or stop.signal is not None:
+            flush()
         if lazy_parts and done % stage.log_every == 0:  # lazily read data: bad samples show up as they come
             fetched = sum(d.fetched for d in lazy_parts)
             if fetched >= 200:
@@ -531,7 +572,7 @@ def run_stage(
                 "train/ppl": math.exp(min(loss, 50)),
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/aux_loss": float((out.loss - out.ce_loss).detach()),
-                "train/grad_norm": grad_norm,
+                "train/grad_norm": last_grad_norm,
                 "samples_per_s": (pos["seen"] - seen0) / (time.time() - t0),
             }
             log.log(record)
@@ -544,7 +585,7 @@ def run_stage(
             sample_grid(raw, encoder, val_ds, stage.sample_grid, stage_dir / "samples" / f"step-{done:07d}.png",
                         f"{stage.name} step {done}", step=done, autocast=accelerator.autocast, main=main,
                         sharded=sharded, wandb_run=log.wandb)  # fmt: skip
-        if stage.save_every and done % stage.save_every == 0 and done < total and not pos["bad_in_a_row"]:
+        if save_now and not pos["bad_in_a_row"]:
             save_checkpoint(done)  # not during a run of bad steps: the last checkpoint stays a good one
         if stop.signal is not None and done < total:
             folder = save_checkpoint(done)

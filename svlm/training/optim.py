@@ -158,6 +158,7 @@ class OffloadAdamW(torch.optim.AdamW):
     def step(self, closure=None):  # noqa: D102
         if closure is not None:
             raise ValueError("OffloadAdamW.step takes no closure")
+        found_inf = self.__dict__.pop("found_inf", None)  # set by the training loop: skip a bad step
         for p, master in self.pairs:
             if p.grad is None:
                 master.grad.zero_()
@@ -165,6 +166,8 @@ class OffloadAdamW(torch.optim.AdamW):
                 master.grad.copy_(p.grad, non_blocking=True)
         if any(p.device.type == "cuda" for p, _ in self.pairs):
             torch.cuda.synchronize()  # the gradients have landed
+        if found_inf is not None and bool(found_inf):
+            return None
         super().step()
         for p, master in self.pairs:
             p.copy_(master, non_blocking=True)  # fp32 -> the working dtype, on the device
