@@ -76,7 +76,13 @@ def save_model(
     model.vision.dinov2.config.to_json_file(tmp / "vision_config.json")
     tokenizer.save_pretrained(tmp)
     (tmp / META).write_text(json.dumps({**meta, "finished_at": time.time()}, indent=2))
-    if folder.exists():  # replace: move the old one aside first, so one of them always exists
+    return replace_folder(tmp, folder)
+
+
+def replace_folder(tmp: Path, folder: Path) -> Path:
+    """Move a finished `tmp` folder to `folder`, replacing what is there: the old
+    one is moved aside first, so one of them always exists."""
+    if folder.exists():
         old = folder.with_name(f".{folder.name}.old{os.getpid()}")
         folder.rename(old)
         tmp.rename(folder)

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from svlm.checkpoint import load_model, resolve_model, save_model
+from svlm.checkpoint import load_model, replace_folder, resolve_model, save_model
 from svlm.config import PathsConfig, build
 from svlm.data.chat import END_TOKEN, IMAGE_TOKEN, PAD_TOKEN
 from svlm.errors import ConfigError
@@ -276,14 +276,7 @@ def _write_atomically(folder: Path, write) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     write(tmp)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(folder)
-    return folder
+    return replace_folder(tmp, folder)
 
 
 # ---------------------------------------------------------------------- import

@@ -48,6 +48,7 @@ from transformers import Dinov2Config
 from svlm.config import HardwareConfig, StageConfig, TrainConfig
 from svlm.errors import ConfigError
 from svlm.models.language_model import LMConfig
+from svlm.models.vision import dinov2_config_of
 from svlm.models.vlm import VLM, VLMConfig
 
 GIB = 2**30
@@ -122,10 +123,7 @@ def dinov2_config(cfg: TrainConfig) -> Dinov2Config:
     v = cfg.model.vision
     if v.path is not None and (Path(v.path) / "config.json").is_file():
         return Dinov2Config.from_pretrained(v.path)
-    return Dinov2Config(
-        hidden_size=v.hidden_size, num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads,
-        mlp_ratio=v.mlp_ratio, patch_size=v.patch_size, image_size=v.image_size,
-    )  # fmt: skip
+    return dinov2_config_of(v)
 
 
 def _vlm(cfg: TrainConfig, vocab: int, lm_layers: int | None = None, vis_layers: int | None = None) -> VLM:

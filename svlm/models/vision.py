@@ -68,21 +68,25 @@ class VisionConfig:
             )
 
 
+def dinov2_config_of(cfg: VisionConfig) -> Dinov2Config:
+    """The Dinov2Config of the encoder the fields of `cfg` describe (its path aside)."""
+    return Dinov2Config(
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        patch_size=cfg.patch_size,
+        image_size=cfg.image_size,
+    )
+
+
 def load_dinov2(cfg: VisionConfig, config: Dinov2Config | None = None) -> Dinov2Model:
     """From `path` with its weights; else random weights from `config` (as saved
     with a trained model) or from the fields of `cfg`."""
     if config is not None:
         return Dinov2Model(config)
     if cfg.path is None:
-        config = Dinov2Config(
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            mlp_ratio=cfg.mlp_ratio,
-            patch_size=cfg.patch_size,
-            image_size=cfg.image_size,
-        )
-        return Dinov2Model(config)
+        return Dinov2Model(dinov2_config_of(cfg))
     folder = Path(cfg.path)
     if not (folder / "config.json").is_file():
         raise ConfigError(
