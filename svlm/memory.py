@@ -104,6 +104,7 @@ class MemoryEstimate:
 
 
 def resolve_precision(hw: HardwareConfig, device: str) -> str:
+    """hardware.precision with `auto` settled: bf16 on a GPU (fp16 where it has no bf16), fp32 on the CPU."""
     if hw.precision != "auto":
         return hw.precision
     if device == "cuda":

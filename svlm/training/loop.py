@@ -46,7 +46,7 @@ from svlm.data.feature_cache import cache_applies
 from svlm.data.formats import BadSamples, DataError
 from svlm.data.source import data_root, load_splits, train_files
 from svlm.evaluation import shard, validate
-from svlm.memory import CONTEXT_GIB, choose_optimizer
+from svlm.memory import CONTEXT_GIB, choose_optimizer, resolve_precision
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.report import draw_curves
@@ -75,9 +75,7 @@ def accelerator_kwargs(hw: HardwareConfig, find_unused_parameters: bool = False)
     cuda = torch.cuda.is_available() and hw.device != "cpu"
     if hw.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("hardware.device=cuda but no CUDA GPU is available (use hardware=cpu or hardware=auto)")
-    precision = hw.precision
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    precision = resolve_precision(hw, "cuda" if cuda else "cpu")
     kwargs: dict = {
         "cpu": not cuda,
         "mixed_precision": {"fp32": "no"}.get(precision, precision),
@@ -450,6 +448,13 @@ def run_stage(
             pos["epoch"] += 1
             pos["batch"] = 0
 
+    def weights_to_save() -> dict[str, torch.Tensor] | None:
+        """None: the model's own weights. Sharded ones are gathered (every process
+        takes part); with adamw_offload, the fp32 masters, not the bf16 working copy."""
+        if sharded:
+            return accelerator.get_state_dict(model)
+        return optimizer.optimizer.master_state_dict(raw) if offloaded else None
+
     def save_checkpoint(step: int) -> Path:
         folder = stage_dir / "checkpoints" / f"step-{step:07d}"
         state = {
@@ -461,9 +466,7 @@ def run_stage(
             "world": world,
             "micro": micro,
         }
-        weights = accelerator.get_state_dict(model) if sharded else None  # gathered: every process takes part
-        if offloaded:  # the fp32 masters, not the bf16 working copy
-            weights = optimizer.optimizer.master_state_dict(raw)
+        weights = weights_to_save()
         extra_dirs = {}
         if sharded:  # every process writes its shard of the optimizer state
             engine = stage_dir / "checkpoints" / f".engine-{step:07d}"
@@ -578,7 +581,7 @@ def run_stage(
             log.log(record)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['train/lr']:.1e}")
             pos["window_loss"], pos["window_n"] = 0.0, 0
-        if val_loader is not None and ((stage.eval_every and done % stage.eval_every == 0) or done == total):
+        if eval_now:
             val = validate(model, val_loader, accelerator.autocast, stage.val_batches)
             log.log({"step": done, **val})
             bar.write(f"[{stage.name}] step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
@@ -600,9 +603,7 @@ def run_stage(
     log.close()
     accelerator.wait_for_everyone()
     out_dir = stage_dir / "model"
-    weights = accelerator.get_state_dict(model) if sharded else None
-    if offloaded:
-        weights = optimizer.optimizer.master_state_dict(raw)
+    weights = weights_to_save()
     truncated = [w for d in parts for w in d.truncated]  # lazily read data adds to it while training
     if main:
         (stage_dir / "bad_samples.json").write_text(
