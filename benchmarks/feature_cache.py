@@ -114,30 +114,38 @@ def fill_cache(cfg) -> tuple[int, float]:
 
 
 def analytic_ceiling(cfg) -> dict:
-    """What the cache can gain at most, from FLOPs counted as svlm.bench counts them:
-    the encoder's forward pass per sample, against the language model's forward and
-    backward at the data's mean length (backward: the input gradient through every
-    block, since the projector below them trains, plus the weight gradients of the
-    trained top blocks)."""
-    from svlm.bench import lm_flops, vision_flops
+    """What the cache can gain at most, from FLOPs counted as svlm.bench counts them
+    (step_flops with this stage's frozen and trained parts, at the data's mean
+    length and mean supervised tokens): the encoder's forward pass per sample
+    against everything else in a step, chiefly the language model's forward and
+    backward (the input gradient runs through every block, since the projector
+    below them trains)."""
+    import torch
+
+    from svlm.bench import step_flops, vision_flops
     from svlm.data.chat import ChatEncoder
     from svlm.data.formats import BadSamples
     from svlm.data.source import data_root, load_splits, train_files
     from svlm.models.vision import ImageProcessor
+    from svlm.models.vlm import target_positions
     from svlm.tokenizer import tokenizer_for_data
-    from svlm.training.loop import build_model
+    from svlm.training.loop import build_model, set_trainable
 
     stage = cfg.stages()[0]
     root = data_root(cfg.data, cfg.paths.cache)
     tokenizer = tokenizer_for_data(cfg.tokenizer, train_files(cfg.data, root, stage.task))
     model = build_model(cfg, tokenizer)
+    set_trainable(model, stage)
     encoder = ChatEncoder(tokenizer, model.num_image_tokens)
     processor = ImageProcessor(model.cfg.vision)
     train_ds, _ = load_splits(cfg.data, root, stage.task, encoder, processor, cfg.data.max_len, BadSamples(), 0)
-    tokens = round(sum(train_ds.lengths()) / len(train_ds))
+    examples = [train_ds.example(i) for i in range(len(train_ds))]
+    tokens = sum(len(ex.input_ids) for ex in examples) / len(examples)
+    targets = sum(len(target_positions(torch.tensor([ex.labels]))) for ex in examples) / len(examples)
+    step = step_flops(model, 1, round(tokens), head_tokens=round(targets))
     vision = vision_flops(model.vision.dinov2.config, model.vision.num_patches, 1)
-    lm = lm_flops(model.cfg.lm, tokens, 1) * (2 + stage.unfreeze_lm_top_layers / model.cfg.lm.n_layers)
-    return {"tokens": tokens, "encoder_gflop": vision / 1e9, "lm_gflop": lm / 1e9, "ceiling": (vision + lm) / lm}
+    return {"tokens": tokens, "targets": targets, "encoder_gflop": vision / 1e9, "rest_gflop": (step - vision) / 1e9,
+            "ceiling": step / (step - vision)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -193,8 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"  without the cache  {uncached:6.2f} samples/s\n"
         f"  with the cache     {cached:6.2f} samples/s   ({cached / uncached:.2f}x)\n"
         f"  filling the cache: {n_images} images in {fill_s:.1f}s ({fill_s / n_images:.2f}s an image, once)\n"
-        f"  a sample ({bound['tokens']} tokens): encoder forward {bound['encoder_gflop']:.1f} GFLOP, language model "
-        f"forward and backward {bound['lm_gflop']:.1f} GFLOP:\n"
+        f"  a sample ({bound['tokens']:.0f} tokens, {bound['targets']:.0f} supervised): encoder forward "
+        f"{bound['encoder_gflop']:.1f} GFLOP, the rest of a step {bound['rest_gflop']:.1f} GFLOP:\n"
         f"  removing the encoder can give at most {bound['ceiling']:.2f}x\n"
         f"figures: {args.folder / 'result.json'}"
     )

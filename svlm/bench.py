@@ -12,7 +12,9 @@ one table and writes the figures as JSON to outputs/bench/<time>/bench.json:
   checkpointing, hardware.optimizer, hardware.compile), the median step of the
   best round after warm-up;
 - model FLOPs a step, counted analytically (vision encoder, projector,
-  language model, attention included; backward = 2 x forward), the FLOP/s
+  language model, attention included; in the backward, weight gradients of
+  the trained parts and input gradients above the lowest trained part; the
+  head where the loss needs logits: half the text is supervised), the FLOP/s
   achieved, and MFU against an fp32 (or bf16 on a GPU) matmul peak measured in
   the same run right before each round;
 - the data pipeline alone (images decoded and preprocessed a second);
@@ -40,7 +42,7 @@ from pathlib import Path
 import torch
 
 from svlm.config import ConfigError, build, load_train_config
-from svlm.models.vlm import VLM, VLMConfig
+from svlm.models.vlm import VLM, VLMConfig, target_positions
 
 # The fixed comparison sizes: 224 px, patch 14 (256 patches -> 64 visual tokens
 # by a 2x2 merge), vocabulary 8192, 96 text tokens, every part trained.
@@ -69,21 +71,32 @@ class BenchConfig:
 # ------------------------------------------------------------------------ FLOPs
 
 
-def lm_flops(cfg, tokens: int, batch: int) -> float:
-    """Forward FLOPs of the language model for `batch` sequences of `tokens`."""
+def lm_parts(cfg, tokens: int) -> dict[str, float]:
+    """Forward FLOPs a token of the language model at this length: one block's
+    weight matmuls, one block's attention scores, the head and the input reducer."""
     d, hd = cfg.d_model, cfg.head_dim
-    attn_proj = 2 * d * (cfg.n_heads * hd) * 2 + 2 * d * (cfg.n_kv_heads * hd) * 2  # q, o and k, v
-    attn_scores = 2 * 2 * tokens * cfg.n_heads * hd  # QK^T and AV, per token (full, not causal-halved)
+    q_o, k_v = 2 * d * (cfg.n_heads * hd), 2 * d * (cfg.n_kv_heads * hd)
     if cfg.mlp == "swiglu":
         mlp = 2 * 3 * d * cfg.d_ff
     elif cfg.mlp == "gelu":
         mlp = 2 * 2 * d * cfg.d_ff
-    else:  # routed top-k + shared experts, GELU MLPs
+    else:  # routed top-k + shared experts, GELU MLPs, and the router
         mlp = 2 * 2 * d * cfg.d_ff * (cfg.moe_top_k + cfg.moe_shared_experts) + 2 * d * cfg.moe_experts
-    per_token = cfg.n_layers * (attn_proj + attn_scores + mlp) + 2 * d * cfg.vocab_size
-    if cfg.d_in is not None:
-        per_token += 2 * (cfg.d_in * cfg.rank + cfg.rank * d)
-    return per_token * tokens * batch
+    return {
+        "block": 2 * q_o + 2 * k_v + mlp,
+        "scores": 2 * 2 * tokens * cfg.n_heads * hd,  # QK^T and AV (full, not causal-halved)
+        "head": 2 * d * cfg.vocab_size,
+        "reducer": 2 * (cfg.d_in * cfg.rank + cfg.rank * d) if cfg.d_in is not None else 0,
+    }
+
+
+def lm_flops(cfg, tokens: int, batch: int, head_tokens: int | None = None) -> float:
+    """Forward FLOPs of the language model for `batch` sequences of `tokens`, with
+    the head applied at `head_tokens` of them (None: all, as generation does; the
+    training loss needs it only where a supervised token follows)."""
+    f = lm_parts(cfg, tokens)
+    head_tokens = tokens if head_tokens is None else head_tokens
+    return (tokens * (cfg.n_layers * (f["block"] + f["scores"]) + f["reducer"]) + head_tokens * f["head"]) * batch
 
 
 def vision_flops(dinov2_cfg, patches: int, batch: int) -> float:
@@ -107,13 +120,39 @@ def projector_flops(model: VLM, batch: int) -> float:
     return total * batch
 
 
-def step_flops(model: VLM, batch: int, tokens: int, vision_trained: bool) -> float:
-    """Training FLOPs of one step: forward, plus backward = 2 x forward (the frozen
-    encoder's backward is skipped, so it counts once)."""
-    lm = lm_flops(model.cfg.lm, tokens, batch)
-    proj = projector_flops(model, batch)
-    vis = vision_flops(model.vision.dinov2.config, model.vision.num_patches, batch)
-    return 3 * (lm + proj) + (3 if vision_trained else 1) * vis
+def _trains(module: torch.nn.Module | None) -> bool:
+    return module is not None and any(p.requires_grad for p in module.parameters())
+
+
+def step_flops(model: VLM, batch: int, tokens: int, head_tokens: int | None = None) -> float:
+    """Training FLOPs of one step as autograd runs it with the model's present
+    requires_grad flags: each part's forward; in the backward, a weight gradient
+    (1 x its matmuls) where the part trains, and an input gradient (1 x its
+    matmuls, 2 x the attention scores) where it or something below it trains.
+    So a frozen encoder counts once, and frozen blocks under the trained ones
+    cost no backward. `head_tokens`: positions a sequence that have a supervised next
+    token (the loss's logits; None: all)."""
+    lm = model.lm
+    f = lm_parts(model.cfg.lm, tokens)
+    head_tokens = tokens if head_tokens is None else head_tokens
+    vis = vision_flops(model.vision.dinov2.config, model.vision.num_patches, 1)
+    proj = projector_flops(model, 1)
+    vision_trains, projector_trains = _trains(model.vision), _trains(model.projector)
+    dv = model.vision.dinov2.config
+    patch_embed = model.vision.num_patches * 2 * 3 * dv.patch_size**2 * dv.hidden_size  # no gradient for pixels
+    total = vis + (2 * vis - patch_embed if vision_trains else 0)
+    total += proj * (1 + projector_trains + (vision_trains or projector_trains))  # (its first layer's: slightly over)
+    below = vision_trains or projector_trains or _trains(lm.embed_tokens)  # a gradient reaches the LM's input
+    if lm.reducer is not None:
+        total += tokens * f["reducer"] * (1 + _trains(lm.reducer) + below)
+        below = below or _trains(lm.reducer)
+    for layer in lm.layers:
+        trains = _trains(layer)
+        # A trained block's norms need the input gradients of every matmul in it, as does anything below.
+        total += tokens * (f["block"] * (1 + trains + (below or trains)) + f["scores"] * (1 + 2 * (below or trains)))
+        below = below or trains
+    total += head_tokens * f["head"] * (1 + lm.lm_head.weight.requires_grad + below)
+    return total * batch
 
 
 # ------------------------------------------------------------------- measuring
@@ -152,18 +191,28 @@ def synthetic_batch(model: VLM, batch: int, text_tokens: int, device) -> dict:
     }
 
 
-def time_steps(model, optimizer, batch, steps: int, device, micro: int, autocast) -> list[float]:
-    """Seconds of each of `steps` optimizer steps: the batch in micro-batches of
-    `micro` (gradients accumulated), then AdamW."""
+def split(batch: dict, micro: int, device) -> list[dict]:
+    """The batch in micro-batches of `micro` on the device, each with the loss's
+    target positions found on the CPU, as the training collator gives them."""
+    parts = []
+    for i in range(0, batch["input_ids"].shape[0], micro):
+        part = {k: v[i : i + micro] for k, v in batch.items()}
+        part["target_index"] = target_positions(part["labels"].cpu())
+        parts.append({k: v.to(device) for k, v in part.items()})
+    return parts
+
+
+def time_steps(model, optimizer, micro_batches: list[dict], steps: int, device, autocast) -> list[float]:
+    """Seconds of each of `steps` optimizer steps: forward and backward of each
+    micro-batch (gradients accumulated), then the optimizer."""
     times = []
-    n = batch["input_ids"].shape[0]
+    n = sum(b["input_ids"].shape[0] for b in micro_batches)
     for _ in range(steps):
         t0 = time.perf_counter()
-        for i in range(0, n, micro):
+        for b in micro_batches:
             with autocast:
-                out = model(batch["input_ids"][i : i + micro], batch["pixel_values"][i : i + micro],
-                            batch["labels"][i : i + micro])  # fmt: skip
-            (out.loss * (min(micro, n - i) / n)).backward()
+                out = model(b["input_ids"], b["pixel_values"], b["labels"], target_index=b["target_index"])
+            (out.loss * (b["input_ids"].shape[0] / n)).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -299,8 +348,8 @@ def run(cfg, bench: BenchConfig) -> dict:
             block.compile()
     model.to(device).train()
     optimizer = make_optimizer(model, stage, kind, pin=device.type == "cuda")
-    batch = synthetic_batch(model, batch_size, bench.text_tokens, device)
-    flops = step_flops(model, batch_size, tokens, stage.train_vision)
+    micro_batches = split(synthetic_batch(model, batch_size, bench.text_tokens, "cpu"), micro, device)
+    flops = step_flops(model, batch_size, tokens, head_tokens=bench.text_tokens - bench.text_tokens // 2)
     results: dict = {
         "model": bench.size or cfg.model.name, "stage": stage.name, "hardware": hw.name, "device": str(device),
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "precision": precision,
@@ -316,13 +365,13 @@ def run(cfg, bench: BenchConfig) -> dict:
     for threads in bench.threads:
         torch.set_num_threads(threads or default_threads)
         best = None
-        time_steps(model, optimizer, batch, bench.warmup, device, micro, autocast)
+        time_steps(model, optimizer, micro_batches, bench.warmup, device, autocast)
         for _ in range(bench.rounds):
             peak = matmul_peak(device, peak_dtype)
             if device.type == "cuda":  # the peak of the training steps alone (weights and states included)
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            step = statistics.median(time_steps(model, optimizer, batch, bench.steps, device, micro, autocast))
+            step = statistics.median(time_steps(model, optimizer, micro_batches, bench.steps, device, autocast))
             if device.type == "cuda":
                 peak_memory = max(peak_memory, torch.cuda.max_memory_allocated())
             if best is None or flops / step / peak > best["mfu"]:

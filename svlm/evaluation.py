@@ -57,16 +57,18 @@ def validate(model: VLM, loader, autocast, max_batches: int | None = None) -> di
             break
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast():
-            out = model(batch["input_ids"], batch["pixel_values"], batch["labels"])
-        n = int(out.n_tokens)
+            out = model(batch["input_ids"], batch["pixel_values"], batch["labels"],
+                        target_index=batch.get("target_index"))  # fmt: skip
+        n = out.n_tokens
         loss_sum += float(out.ce_loss) * n
         tokens += n
-        pred = out.logits[:, :-1].argmax(-1)
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE
-        correct += int(((pred == labels) & mask).sum())
-        exact += int(((pred == labels) | ~mask).all(-1).sum())
-        samples += labels.shape[0]
+        right = out.logits.argmax(-1) == out.targets  # (N,): at the supervised positions
+        B, T = batch["input_ids"].shape
+        wrong = torch.zeros(B, dtype=torch.long, device=device)
+        wrong.index_add_(0, out.target_index // T, (~right).long())  # (B,): wrong tokens per sample
+        correct += int(right.sum())
+        exact += int((wrong == 0).sum())
+        samples += B
     model.train(was_training)
     loss_sum, tokens, correct, exact, samples = sum_over_processes([loss_sum, tokens, correct, exact, samples])
     loss = loss_sum / max(tokens, 1)

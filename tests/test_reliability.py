@@ -127,7 +127,7 @@ def nan_forward(bad_calls: set[int]):
         calls["n"] += 1
         if calls["n"] in bad_calls:
             nan = out.loss * float("nan")
-            return VLMOutput(out.logits, nan, nan, out.n_tokens)
+            return VLMOutput(out.logits, nan, nan, out.n_tokens, out.target_index, out.targets)
         return out
 
     return forward

@@ -16,6 +16,7 @@ from svlm.data.chat import IGNORE, IMAGE_TOKEN, ChatEncoder
 from svlm.data.formats import BadSamples, DataError, Record, RecordReader, line_index, read_records
 from svlm.data.images import open_image
 from svlm.models.vision import ImageProcessor
+from svlm.models.vlm import target_positions
 
 
 @dataclass
@@ -251,8 +252,10 @@ class Collator:
         pixels = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
         pixel_values = torch.stack(pixels) if pixels else torch.zeros(0)
         batch = {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
-        # supervised next-token targets, counted here on the CPU so the training step need not ask the GPU
-        batch["n_targets"] = int((labels[:, 1:] != IGNORE).sum())
+        # Where the loss needs logits (positions followed by a supervised token), found
+        # here on the CPU: the training step then never asks the GPU how many there are.
+        batch["target_index"] = target_positions(labels)
+        batch["n_targets"] = len(batch["target_index"])
         features = [it["vision_features"] for it in items if it.get("vision_features") is not None]
         if features:
             batch["vision_features"] = torch.stack(features)

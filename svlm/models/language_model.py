@@ -291,8 +291,9 @@ class Block(nn.Module):
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None when asked for the hidden states alone
     aux_loss: torch.Tensor  # scalar: summed MoE balancing loss, already scaled by moe_aux_coef
+    hidden: torch.Tensor | None = None  # (B, T, d_model) after the final norm, when asked (head=False)
 
 
 class LanguageModel(nn.Module):
@@ -344,7 +345,10 @@ class LanguageModel(nn.Module):
         input_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        head: bool = True,
     ) -> LMOutput:
+        """head=False: return the normed hidden states instead of the logits, so a
+        caller that needs logits at a few positions (the loss) applies lm_head there."""
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
         x = inputs_embeds  # (B, T, embed_dim)
@@ -367,8 +371,9 @@ class LanguageModel(nn.Module):
                 x = checkpoint(block, x, rope, None, use_reentrant=False)
             else:
                 x = block(x, rope, cache, start)
-        logits = self.lm_head(self.norm(x))
         aux = x.new_zeros((), dtype=torch.float32)
         if self.cfg.mlp == "moe":
             aux = self.cfg.moe_aux_coef * sum(b.mlp.aux_loss for b in self.layers)
-        return LMOutput(logits=logits, aux_loss=aux)
+        if not head:
+            return LMOutput(logits=None, aux_loss=aux, hidden=self.norm(x))
+        return LMOutput(logits=self.lm_head(self.norm(x)), aux_loss=aux)

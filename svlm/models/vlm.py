@@ -14,6 +14,8 @@ from svlm.models.language_model import KVCache, LanguageModel, LMConfig
 from svlm.models.projector import ProjectorConfig, build_projector
 from svlm.models.vision import VisionConfig, VisionEncoder
 
+IGNORE_INDEX = -100  # a label the loss skips (svlm.data.chat.IGNORE)
+
 
 @dataclass
 class VLMConfig:
@@ -37,10 +39,23 @@ class VLMConfig:
 
 @dataclass
 class VLMOutput:
-    logits: torch.Tensor  # (B, T, V)
+    # Without labels: (B, T, V), every position. With labels: (N, V), only at the
+    # N positions whose next token is supervised (target_index), in that order.
+    logits: torch.Tensor
     loss: torch.Tensor | None  # cross entropy + MoE balancing loss
     ce_loss: torch.Tensor | None  # cross entropy alone, mean over supervised tokens
-    n_tokens: torch.Tensor | int  # supervised tokens in the batch (a tensor: reading it waits for the device)
+    n_tokens: int  # supervised tokens in the batch (N)
+    target_index: torch.Tensor | None = None  # (N,) flat positions b * T + t of those logits
+    targets: torch.Tensor | None = None  # (N,) the label each of them predicts (the token at t + 1)
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (N,) flat positions b * T + t whose next label (t + 1) is
+    supervised: the only places the loss needs logits at. The collator computes
+    them on the CPU (a GPU would have to stop and report how many there are)."""
+    wanted = torch.zeros_like(labels, dtype=torch.bool)
+    wanted[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return wanted.flatten().nonzero().squeeze(1)
 
 
 def check_slots(slots: torch.Tensor, expected: int, given: str) -> None:
@@ -116,15 +131,22 @@ class VLM(nn.Module):
         labels: torch.Tensor | None = None,
         cache: KVCache | None = None,
         vision_features: torch.Tensor | None = None,  # instead of pixel_values: see embed
+        target_index: torch.Tensor | None = None,  # target_positions(labels), if already known
     ) -> VLMOutput:
+        """Without labels: logits at every position. With labels: the next-token
+        loss, with logits computed only where a supervised token follows: the
+        picture's slots and the prompt need no vocabulary-sized output."""
         embeds = self.embed(input_ids, pixel_values, vision_features)
-        out = self.lm(inputs_embeds=embeds, cache=cache)
+        out = self.lm(inputs_embeds=embeds, cache=cache, head=labels is None)
         if labels is None:
             return VLMOutput(out.logits, None, None, 0)
-        # Next-token prediction: the logit at t predicts the label at t+1.
-        shift_logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])  # (B*(T-1), V)
-        shift_labels = labels[:, 1:].reshape(-1)  # (B*(T-1),)
-        n_tokens = (shift_labels != -100).sum()
-        ce_sum = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=-100, reduction="sum")
-        ce = ce_sum / n_tokens.clamp(min=1)  # a batch with no supervised token gives 0, not NaN
-        return VLMOutput(out.logits, ce + out.aux_loss, ce, n_tokens)
+        if target_index is None:
+            target_index = target_positions(labels)
+        hidden = out.hidden.reshape(-1, out.hidden.shape[-1]).index_select(0, target_index)  # (N, D)
+        # Next-token prediction: the logit at t predicts the label at t + 1 (same row: t < T - 1).
+        targets = labels.reshape(-1).index_select(0, target_index + 1)  # (N,)
+        logits = self.lm.lm_head(hidden)  # (N, V)
+        n_tokens = target_index.shape[0]
+        ce_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        ce = ce_sum / max(n_tokens, 1)  # a batch with no supervised token gives 0, not NaN
+        return VLMOutput(logits, ce + out.aux_loss, ce, n_tokens, target_index, targets)

@@ -534,7 +534,7 @@ def run_stage(
             with accelerator.no_sync(model) if not sync else nullcontext():
                 with accelerator.autocast():
                     out = model(batch["input_ids"], batch["pixel_values"], batch["labels"],
-                                vision_features=batch.get("vision_features"))  # fmt: skip
+                                vision_features=batch.get("vision_features"), target_index=batch["target_index"])  # fmt: skip
                 # DDP averages gradients over processes: scale by `world` to get the global token mean.
                 loss = out.ce_loss * out.n_tokens * (world / step_tokens) + (out.loss - out.ce_loss) / accum
                 accelerator.backward(loss * accum if deepspeed else loss)  # DeepSpeed divides by accum itself
