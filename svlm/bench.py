@@ -344,8 +344,7 @@ def run(cfg, bench: BenchConfig) -> dict:
         if stage.train_vision:
             model.vision.dinov2.gradient_checkpointing_enable()
     if hw.compile:
-        for block in model.lm.layers:
-            block.compile()
+        model.compile_blocks()
     model.to(device).train()
     optimizer = make_optimizer(model, stage, kind, pin=device.type == "cuda")
     micro_batches = split(synthetic_batch(model, batch_size, bench.text_tokens, "cpu"), micro, device)

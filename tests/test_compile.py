@@ -1,5 +1,6 @@
-"""hardware.compile=true: torch.compile of each language-model block gives the
-eager model's numbers (slow tier: compiling on the CPU takes about a minute)."""
+"""hardware.compile=true: torch.compile of each transformer block (language
+model and vision encoder) gives the eager model's numbers (slow tier: compiling
+on the CPU takes about a minute)."""
 
 import copy
 import json
@@ -31,6 +32,39 @@ def test_compiled_blocks_match_eager():
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
         for x, y in zip(gb, ga):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_vlm_matches_eager():
+    """Every block compiled, the vision encoder's included: the same loss and gradients."""
+    from svlm.models.projector import ProjectorConfig
+    from svlm.models.vision import VisionConfig
+    from svlm.models.vlm import VLM, VLMConfig
+
+    torch.manual_seed(0)
+    cfg = VLMConfig(
+        vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2),
+        projector=ProjectorConfig(compress="pixel_shuffle", factor=2),
+        lm=LMConfig(vocab_size=300, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64),
+        image_token_id=3,
+    )
+    eager = VLM(cfg)
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks()
+    ids = torch.randint(10, 300, (2, 20))
+    ids[:, :4] = 3  # the picture's 4 visual tokens
+    labels = ids.clone()
+    labels[:, :10] = -100
+    pixels = torch.randn(2, 3, 32, 32)
+    outs = []
+    for model in (eager, compiled):
+        out = model(ids, pixels, labels)
+        out.loss.backward()
+        outs.append((out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = outs
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert ga.keys() == gb.keys() and any(n.startswith("vision.") for n in ga)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
 def test_training_with_compile_matches_eager(make_train_cfg, tmp_path):

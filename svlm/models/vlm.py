@@ -83,6 +83,14 @@ class VLM(nn.Module):
         )
         self.freeze_vision = False
 
+    def compile_blocks(self) -> None:
+        """torch.compile each transformer block, of the language model and of the
+        vision encoder (hardware.compile): the fused kernels of a block serve
+        every layer, at one compilation (a second for a new length). The rest
+        (embedding, projector, head and loss) stays eager."""
+        for block in (*self.lm.layers, *self.vision.dinov2.encoder.layer):
+            block.compile()
+
     @property
     def num_image_tokens(self) -> int:
         """How many placeholder ids one <image> expands to."""

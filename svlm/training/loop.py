@@ -379,8 +379,7 @@ def run_stage(
             "set hardware.grad_checkpointing=true or hardware.optimizer=adamw_offload"
         )
     if cfg.hardware.compile:  # each block compiled once; the rest of the model stays eager
-        for block in model.lm.layers:
-            block.compile()
+        model.compile_blocks()
     optimizer = make_optimizer(model, stage, kind, pin=accelerator.device.type == "cuda")
     offloaded = isinstance(optimizer, OffloadAdamW)
     raw_optimizer = optimizer  # accelerate wraps it below
