@@ -26,7 +26,9 @@ How it counts:
   checkpointing a layer keeps only its input, plus one layer recomputed at a
   time during the backward pass.
 - The backward pass starts with the gradient of the logits (fp32, plus its
-  bf16 copy under autocast) beside every activation.
+  bf16 copy under autocast) beside every activation. The loss computes logits
+  only where a supervised token follows, so at most at every text position:
+  that worst case is counted, here and in the activations.
 - Gradients of a step exist while the next micro-batch runs forward when a
   step accumulates several micro-batches; with one micro-batch a step, the
   backward pass frees activations as it makes gradients, so the larger of the
@@ -219,6 +221,7 @@ def estimate_memory(
         full = _vlm(cfg, vocab)
     _prepare(full, stage, offload)
     n_params, n_trained, weight_b, trained_b = _param_bytes(full)
+    text = max(1, seq_len - full.num_image_tokens)  # positions that can have logits (see the module docstring)
 
     # Activations: six small forward passes, each term linear in layers and samples,
     # on the GPU when the run will use one (exact for its autocast), else the CPU.
@@ -264,7 +267,7 @@ def estimate_memory(
         stage=stage.name, params=n_params, trained=n_trained, micro_batch=micro, seq_len=seq_len,
         precision=precision, optimizer=kind, checkpointing=checkpointing, accumulating=micro < batch_world,
         weights=weight_b, grads=trained_b, optimizer_states=0.0 if offload else 2.0 * n_trained * 4,
-        activations=activations, loss_grad=micro * seq_len * vocab * (6.0 if precision != "fp32" else 4.0),
+        activations=activations, loss_grad=micro * text * vocab * (6.0 if precision != "fp32" else 4.0),
         cpu_states=16.0 * n_trained if offload else 0.0,
     )  # fmt: skip
 
