@@ -9,6 +9,8 @@
 # 2. model=base stage 2 at a full batch (hardware=auto: one micro-batch of 32 x
 #    512 tokens, bf16 autocast, fused AdamW), eager and with hardware.compile=true.
 # Every row: tokens/s and MFU against a bf16 matmul peak measured in the same run.
+# The two full-batch rows are profiled too: where the GPU's time goes is printed
+# after the table (profile.txt and trace.json in each run's folder).
 # No pretrained weights are needed: the encoder's shape (config.json) is enough,
 # the weights are random. Needs hydra-core and omegaconf besides torch,
 # transformers and accelerate.
@@ -39,7 +41,7 @@ bench base_stage1_8gb model=base stage=stage1 stage.train_vision=false "${lean[@
 bench base_stage2_8gb model=base stage=stage2 "${lean[@]}"
 bench svlm_stage1_8gb experiment=svlm stage=stage1 "${lean[@]}"
 bench svlm_stage2_8gb experiment=svlm stage=stage2 "${lean[@]}"
-full=(hardware=auto bench.batch=32 bench.text_tokens=448 bench.steps=5)
+full=(hardware=auto bench.batch=32 bench.text_tokens=448 bench.steps=5 bench.profile=true)
 bench base_stage2_auto model=base stage=stage2 "${full[@]}"
 bench base_stage2_compiled model=base stage=stage2 "${full[@]}" hardware.compile=true
 
@@ -61,4 +63,6 @@ for f in sorted(out.glob("*/bench.json"), key=lambda p: p.stat().st_mtime):
           f"{b['tokens_per_s']:>9.0f} {b['mfu']:>6.1%} {peak:>9.2f} {r['estimate_gib']:>9.2f} "
           f"{r['peak_reserved_gib']:>9.2f}  {fits if '8gb' in f.parent.name else '-'}")
 print(f"(bf16 matmul peak measured: {b['peak_gflops'] / 1e3:.0f} TFLOP/s on {r['device_name']})")
+for f in sorted(out.glob("*/profile.txt"), key=lambda p: p.stat().st_mtime):
+    print(f"\n{f.parent.name}: " + "\n".join(f.read_text().splitlines()[:22]))
 EOF

@@ -21,7 +21,9 @@ one table and writes the figures as JSON to outputs/bench/<time>/bench.json:
 - the share of padding tokens in batches of the configured data;
 - peak memory (process RSS on the CPU, torch.cuda.max_memory_allocated over
   the training steps on a GPU) beside the planner's estimate (svlm/memory.py);
-- generation tokens/s with and without the KV cache.
+- generation tokens/s with and without the KV cache;
+- with bench.profile=true, where a step's time goes (forward, backward,
+  optimizer, and the costliest operators: profile.txt and trace.json).
 
 The batches are synthetic (random ids, the model's image slots, random
 pixels) of `bench.text_tokens` text tokens, so the figures measure the model
@@ -64,6 +66,7 @@ class BenchConfig:
     rounds: int = 3  # the best round is reported, each after a fresh matmul peak
     threads: list[int] = field(default_factory=lambda: [0])  # 0: torch's default; e.g. [1, 2]
     gen_tokens: int = 256  # 0: skip the generation figures
+    profile: bool = False  # 2 more steps under torch.profiler: profile.txt and trace.json in the run folder
     data: bool = True  # the data pipeline and padding figures (the configured data, built if absent)
     data_images: int = 200
 
@@ -219,6 +222,46 @@ def time_steps(model, optimizer, micro_batches: list[dict], steps: int, device, 
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return times
+
+
+def profile_steps(model, optimizer, micro_batches: list[dict], device, autocast, folder: Path) -> dict:
+    """Two steps under torch.profiler: the share of the step in forward, backward
+    and optimizer, and the operators that take the most time (on the GPU when
+    there is one), to `folder`/profile.txt; the timeline to `folder`/trace.json
+    (chrome://tracing or ui.perfetto.dev)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    n = sum(b["input_ids"].shape[0] for b in micro_batches)
+    with profile(activities=activities) as prof:
+        for _ in range(2):
+            for b in micro_batches:
+                with record_function("## forward"), autocast:
+                    out = model(b["input_ids"], b["pixel_values"], b["labels"], target_index=b["target_index"])
+                with record_function("## backward"):
+                    (out.loss * (b["input_ids"].shape[0] / n)).backward()
+            with record_function("## optimizer"):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    folder.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(folder / "trace.json"))
+    events = prof.key_averages()
+    gpu = device.type == "cuda"
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
+    phases = {
+        e.key.removeprefix("## "): e.device_time_total if gpu else e.cpu_time_total
+        for e in events
+        if e.key.startswith("## ")
+    }
+    total = sum(phases.values()) or 1.0
+    shares = {k: v / total for k, v in phases.items()}
+    table = events.table(sort_by=key, row_limit=30)
+    where = "the GPU's kernel time" if gpu else "the step's time"
+    head = f"share of {where}: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items())
+    (folder / "profile.txt").write_text(f"{head}\n(operators sorted by {key})\n{table}\n")
+    return {"phases": shares, "table": str(folder / "profile.txt"), "trace": str(folder / "trace.json")}
 
 
 @torch.no_grad()
@@ -379,6 +422,8 @@ def run(cfg, bench: BenchConfig) -> dict:
                         "tokens_per_s": batch_size * tokens / step}  # fmt: skip
         results["rounds"][str(threads or default_threads)] = best
     torch.set_num_threads(default_threads)
+    if bench.profile:
+        results["profile"] = profile_steps(model, optimizer, micro_batches, device, autocast, Path(cfg.paths.run_dir))
     if device.type == "cuda":
         results["peak_memory_gib"] = peak_memory / 2**30
         results["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -412,6 +457,9 @@ def print_table(r: dict) -> None:
         print(
             f"  data pipeline: {r['data_images_per_s']:.0f} images/s; padding: {r['padding_share']:.1%} of batch tokens"
         )
+    if "profile" in r:
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in r["profile"]["phases"].items())
+        print(f"  profile: {shares} of the step; top operators in {r['profile']['table']}")
     mem = r.get("peak_memory_gib", r.get("peak_rss_gib"))
     print(f"  peak memory: {mem:.2f} GiB ({'GPU allocated' if 'peak_memory_gib' in r else 'process RSS'}); "
           f"estimate (python -m svlm.memory): {r['estimate_gib']:.2f} GiB")  # fmt: skip
