@@ -3,6 +3,7 @@
     python benchmarks/feature_cache.py                       # CPU, 2 rounds, batches of 8
     python benchmarks/feature_cache.py --steps 8 --batch 16 --rounds 3 --folder /tmp/fcbench
     python benchmarks/feature_cache.py --hardware auto --batch 32      # on a GPU, bf16
+    python benchmarks/feature_cache.py model.vision.image_size=448 model.projector.factor=4   # + train.py overrides
 
 Writes (once) a DINOv2-base-shaped encoder with random weights into
 <folder>/dinov2-base (hidden 768, 12 layers, 12 heads, patch 14, 224 px: the
@@ -79,6 +80,7 @@ def config(folder: Path, name: str, cached: bool, args):
         f"paths.outputs={folder / 'outputs'}",
         f"paths.cache={folder / 'cache'}",
         f"paths.run_dir={folder / 'runs' / name}",
+        *args.overrides,
     ]
     if "sample_grid" in {f.name for f in dataclasses.fields(StageConfig)}:
         overrides.append("stage.sample_grid=0")
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--model", default="base", help="the model option (its encoder: random weights of dinov2-base)")
     p.add_argument("--hardware", default="cpu", help="the hardware option (auto: a GPU if there is one)")
+    p.add_argument("overrides", nargs="*", help="more train.py overrides, e.g. model.vision.image_size=448")
     args = p.parse_args(argv)
 
     import torch
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     (args.folder / "result.json").write_text(json.dumps(result, indent=2))
     print(
-        f"\nmodel={args.model} stage 1 (encoder frozen; projector, text embedding, top 2 LM blocks train), "
+        f"\nmodel={args.model} {' '.join(args.overrides)} stage 1 (encoder frozen; projector, text embedding, top 2 LM blocks train), "
         f"hardware={args.hardware}, {result['threads']} CPU threads, batches of {args.batch}:\n"
         f"  without the cache  {uncached:6.2f} samples/s\n"
         f"  with the cache     {cached:6.2f} samples/s   ({cached / uncached:.2f}x)\n"
