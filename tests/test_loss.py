@@ -74,6 +74,15 @@ def test_loss_and_gradients_equal_full_logits(tie):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_bad_target_index_is_refused():
+    model = tiny_vlm()
+    batch = batch_of([(3, 5), (6, 2)])
+    T = batch["input_ids"].shape[1]
+    for bad in ([T - 1], [2 * T], [-1]):  # no next token in its row; past the batch; negative
+        with pytest.raises(ValueError, match="target_index"):
+            model(batch["input_ids"], batch["pixel_values"], batch["labels"], target_index=torch.tensor(bad))
+
+
 def test_no_supervised_token_gives_zero_loss():
     model = tiny_vlm()
     batch = batch_of([(4, 0), (2, 0)])

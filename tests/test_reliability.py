@@ -276,8 +276,8 @@ def test_training_steps_do_not_read_device_values(make_train_cfg, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, spy(name))
     cfg = make_train_cfg("stage.log_every=100", "stage.eval_every=0", "stage.sample_grid=0", stage="stage1", steps=6)
     train(cfg)
-    # (the sampler's index lists and the CPU check of image slots are host tensors)
-    in_steps = [r for r in reads if r[1] not in ("flush", "check_slots", "_grouped", "__iter__")]
+    # (the sampler's index lists and the CPU checks of image slots and targets are host tensors)
+    in_steps = [r for r in reads if r[1] not in ("flush", "check_slots", "check_targets", "_grouped", "__iter__")]
     # the only reads: the one log record at the last step (its MoE balancing loss)
     assert in_steps == [("loop.py", "run_stage", "__float__")], in_steps
     assert [r for r in reads if r[1] == "flush"] == [("loop.py", "flush", "tolist")]

@@ -70,6 +70,17 @@ def check_slots(slots: torch.Tensor, expected: int, given: str) -> None:
         torch._assert_async(slots.sum() == expected, f"image placeholder tokens do not match: {given}")
 
 
+def check_targets(target_index: torch.Tensor, B: int, T: int) -> None:
+    """Given target positions must each have a next token in their own row (as
+    check_slots: a ValueError on the CPU, an assertion queued on a GPU)."""
+    ok = ((target_index % T) < T - 1).all() & (target_index >= 0).all() & (target_index < B * T).all()
+    if ok.device.type == "cpu":
+        if not ok:
+            raise ValueError(f"target_index holds positions outside 0..{T - 2} of the {B} rows of {T} tokens")
+    else:
+        torch._assert_async(ok, "target_index holds positions without a next token in their row")
+
+
 class VLM(nn.Module):
     def __init__(self, cfg: VLMConfig, dinov2_config=None) -> None:
         """dinov2_config: build the encoder from this (random weights, to be
@@ -150,6 +161,8 @@ class VLM(nn.Module):
             return VLMOutput(out.logits, None, None, 0)
         if target_index is None:
             target_index = target_positions(labels)
+        else:
+            check_targets(target_index, *labels.shape)
         hidden = out.hidden.reshape(-1, out.hidden.shape[-1]).index_select(0, target_index)  # (N, D)
         # Next-token prediction: the logit at t predicts the label at t + 1 (same row: t < T - 1).
         targets = labels.reshape(-1).index_select(0, target_index + 1)  # (N,)
