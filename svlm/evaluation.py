@@ -58,7 +58,7 @@ def validate(model: VLM, loader, autocast, max_batches: int | None = None) -> di
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast():
             out = model(batch["input_ids"], batch["pixel_values"], batch["labels"],
-                        target_index=batch.get("target_index"))  # fmt: skip
+                        vision_features=batch.get("vision_features"), target_index=batch.get("target_index"))  # fmt: skip
         n = out.n_tokens
         loss_sum += float(out.ce_loss) * n
         tokens += n

@@ -6,6 +6,7 @@ import json
 import pickle
 import shutil
 import threading
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -170,12 +171,12 @@ def test_data_sets_yield_cached_features(tmp_path, shapes_root, tokenizer, visio
         view.get(tmp_path / "nothing.png", "x:1")
 
 
-def _losses(run: Path, stage: str = "stage1") -> list[float]:
+def _losses(run: Path, stage: str = "stage1", key: str = "train/loss") -> list[float]:
     lines = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
-    return [m["train/loss"] for m in lines if "train/loss" in m]
+    return [m[key] for m in lines if key in m]
 
 
-def test_training_with_the_cache(tmp_path, cache_dir, shapes_root, capsys):
+def test_training_with_the_cache(tmp_path, cache_dir, shapes_root, capsys, monkeypatch):
     def run(name, *extra, stage="stage1"):
         overrides = [*tiny_train_overrides(stage), *path_overrides(tmp_path, cache_dir, tmp_path / name), *extra]
         train(load_train_config(compose("train", overrides)))
@@ -185,17 +186,35 @@ def test_training_with_the_cache(tmp_path, cache_dir, shapes_root, capsys):
     plain = _losses(run("plain", *frozen, "data.feature_cache=false"))
     assert "feature cache" not in capsys.readouterr().out
     with_cache = _losses(run("cached", *frozen, "data.feature_cache=true"))
-    assert "feature cache:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "training feature cache:" in out and "validation feature cache:" in out
     assert len(plain) == len(with_cache) == 3
     np.testing.assert_allclose(with_cache, plain, rtol=2e-3)
+    # validation reads the cache too, and scores the same
+    plain_val, cached_val = (_losses(tmp_path / name, key="val/loss") for name in ("plain", "cached"))
+    assert len(plain_val) == len(cached_val) == 1
+    np.testing.assert_allclose(cached_val, plain_val, rtol=2e-3)
 
     # Later runs and stages (the same frozen encoder, from the stage-1 model) compute nothing.
     folders = [p for p in (cache_dir / "features").iterdir() if p.is_dir()]
     stamps = {p: (p / FEATURES).stat().st_mtime_ns for p in folders}
     both = ["stage.stage1.train_vision=false", "stage.stage2.train_vision=false"]
+    both += ["stage.stage1.sample_grid=0", "stage.stage2.sample_grid=0"]  # the grid reads its pictures
+    encoder_calls = []
+    real_forward = VisionEncoder.forward
+
+    def counted(self, x):
+        where = traceback.format_stack()
+        if not any("svlm/memory.py" in f for f in where):  # the planner measures its own small models
+            encoder_calls.append("".join(where[-8:]))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(VisionEncoder, "forward", counted)
     run("both", *both, stage="both")  # data.feature_cache=auto: on, the encoder is frozen
     out = capsys.readouterr().out
-    assert out.count("feature cache:") == 2 and out.count(", 0 computed now") == 2, out
+    assert out.count("feature cache:") == 4 and out.count(", 0 computed now") == 4, out  # 2 stages x train, val
+    assert "val/loss" in (tmp_path / "both" / "stage2" / "metrics.jsonl").read_text()
+    assert not encoder_calls, encoder_calls[0]  # training and validation read every feature from the cache
     assert {p: (p / FEATURES).stat().st_mtime_ns for p in folders} == stamps
 
 

@@ -322,13 +322,16 @@ def run_stage(
     max_len = min(cfg.data.max_len, model.cfg.lm.max_seq_len)
     train_ds, val_ds = load_splits(cfg.data, root, stage.task, encoder, processor, max_len, bad, cfg.seed)
     if cache_applies(cfg.data.feature_cache, stage.train_vision, stage.name):
-        # A frozen encoder: its outputs are computed once (on the main process), then read from disk.
+        # A frozen encoder: its outputs are computed once (on the main process), then read from
+        # disk, for training and validation alike (the sample grid still reads its few pictures).
         model.vision.to(accelerator.device)
-        attach_features(
-            train_ds, model.vision, processor, Path(cfg.paths.cache) / "features",
-            is_main=accelerator.is_local_main_process, wait=accelerator.wait_for_everyone,
-            log=lambda m: accelerator.print(f"[{stage.name}] {m}"),
-        )  # fmt: skip
+        for part, ds in (("training", train_ds), ("validation", val_ds)):
+            if ds is not None:
+                attach_features(
+                    ds, model.vision, processor, Path(cfg.paths.cache) / "features",
+                    is_main=accelerator.is_local_main_process, wait=accelerator.wait_for_everyone,
+                    log=lambda m, part=part: accelerator.print(f"[{stage.name}] {part} {m}"),
+                )  # fmt: skip
     parts = train_ds.datasets if isinstance(train_ds, MixedDataset) else [train_ds]
     lazy_parts = [d for d in parts if isinstance(d, LazyChatDataset)]
     if not lazy_parts:  # every record was read: judge the data now
