@@ -38,6 +38,7 @@ import resource
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,8 +134,8 @@ def step_flops(model: VLM, batch: int, tokens: int, head_tokens: int | None = No
     (1 x its matmuls) where the part trains, and an input gradient (1 x its
     matmuls, 2 x the attention scores) where it or something below it trains.
     So a frozen encoder counts once, and frozen blocks under the trained ones
-    cost no backward. `head_tokens`: positions a sequence that have a supervised next
-    token (the loss's logits; None: all)."""
+    cost no backward. `head_tokens`: the positions of a sequence followed by a
+    supervised token, where the loss makes logits (None: all)."""
     lm = model.lm
     f = lm_parts(model.cfg.lm, tokens)
     head_tokens = tokens if head_tokens is None else head_tokens
@@ -205,19 +206,27 @@ def split(batch: dict, micro: int, device) -> list[dict]:
     return parts
 
 
-def time_steps(model, optimizer, micro_batches: list[dict], steps: int, device, autocast) -> list[float]:
-    """Seconds of each of `steps` optimizer steps: forward and backward of each
-    micro-batch (gradients accumulated), then the optimizer."""
-    times = []
+def train_step(model, optimizer, micro_batches: list[dict], autocast, phase=lambda name: nullcontext()) -> None:
+    """One optimizer step: forward and backward of each micro-batch (gradients
+    accumulated, the loss weighted by its share of the samples), then the
+    optimizer. `phase(name)` wraps each part (the profiler's labels)."""
     n = sum(b["input_ids"].shape[0] for b in micro_batches)
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        for b in micro_batches:
-            with autocast:
-                out = model(b["input_ids"], b["pixel_values"], b["labels"], target_index=b["target_index"])
+    for b in micro_batches:
+        with phase("forward"), autocast:
+            out = model(b["input_ids"], b["pixel_values"], b["labels"], target_index=b["target_index"])
+        with phase("backward"):
             (out.loss * (b["input_ids"].shape[0] / n)).backward()
+    with phase("optimizer"):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+
+def time_steps(model, optimizer, micro_batches: list[dict], steps: int, device, autocast) -> list[float]:
+    """Seconds of each of `steps` optimizer steps (train_step)."""
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        train_step(model, optimizer, micro_batches, autocast)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -232,17 +241,9 @@ def profile_steps(model, optimizer, micro_batches: list[dict], device, autocast,
     from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    n = sum(b["input_ids"].shape[0] for b in micro_batches)
     with profile(activities=activities) as prof:
         for _ in range(2):
-            for b in micro_batches:
-                with record_function("## forward"), autocast:
-                    out = model(b["input_ids"], b["pixel_values"], b["labels"], target_index=b["target_index"])
-                with record_function("## backward"):
-                    (out.loss * (b["input_ids"].shape[0] / n)).backward()
-            with record_function("## optimizer"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            train_step(model, optimizer, micro_batches, autocast, phase=lambda name: record_function(f"## {name}"))
         if device.type == "cuda":
             torch.cuda.synchronize()
     folder.mkdir(parents=True, exist_ok=True)

@@ -60,12 +60,12 @@ def test_target_positions():
 def test_loss_and_gradients_equal_full_logits(tie):
     model = tiny_vlm(tie_embeddings=tie)
     batch = batch_of([(3, 5), (6, 2), (1, 9)])
-    assert batch["n_targets"] == 5 + 2 + 9 - 3 + 3  # each answer token, the first one predicted from the prompt
+    assert len(batch["target_index"]) == 5 + 2 + 9  # one position before each answer token
     ref = reference_loss(model, batch)
     ref_grads = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
     for given in (batch["target_index"], None):  # from the collator, or found from the labels
         out = model(batch["input_ids"], batch["pixel_values"], batch["labels"], target_index=given)
-        assert out.n_tokens == batch["n_targets"] and out.logits.shape == (out.n_tokens, VOCAB)
+        assert out.n_tokens == len(batch["target_index"]) and out.logits.shape == (out.n_tokens, VOCAB)
         torch.testing.assert_close(out.ce_loss, ref, rtol=1e-6, atol=1e-6)
         grads = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
         for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
@@ -154,6 +154,6 @@ def test_step_flops_match_torch_counter(stage, tie):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         out = model(batch["input_ids"], batch["pixel_values"], batch["labels"], target_index=batch["target_index"])
         out.loss.backward()
-    assert step_flops(model, B, T, head_tokens=batch["n_targets"] // B) == pytest.approx(
+    assert step_flops(model, B, T, head_tokens=len(batch["target_index"]) // B) == pytest.approx(
         counter.get_total_flops(), rel=0.03
     )

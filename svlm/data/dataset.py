@@ -255,7 +255,6 @@ class Collator:
         # Where the loss needs logits (positions followed by a supervised token), found
         # here on the CPU: the training step then never asks the GPU how many there are.
         batch["target_index"] = target_positions(labels)
-        batch["n_targets"] = len(batch["target_index"])
         features = [it["vision_features"] for it in items if it.get("vision_features") is not None]
         if features:
             batch["vision_features"] = torch.stack(features)

@@ -526,7 +526,7 @@ def run_stage(
         # across accumulation and processes, whatever the micro-batch split: so
         # 2 processes x b samples train exactly like 1 process x 2b.
         micro_batches = [next(stream) for _ in range(accum)]
-        local_tokens = sum(b["n_targets"] for b in micro_batches)  # counted on the CPU by the collator
+        local_tokens = sum(len(b["target_index"]) for b in micro_batches)  # a shape: found by the collator
         step_tokens = max(1, local_tokens)
         if world > 1:  # every process's count: a small all-reduce, queued like the rest
             step_tokens = accelerator.reduce(to_device(float(local_tokens), accelerator.device), "sum").clamp(min=1)
