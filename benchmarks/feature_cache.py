@@ -51,9 +51,8 @@ def encoder_folder(folder: Path) -> Path:
 
 def config(folder: Path, name: str, cached: bool, args):
     """The TrainConfig of one run: train.py's config with these overrides."""
-    from hydra import compose, initialize_config_dir
-
-    from svlm.config import StageConfig, load_train_config
+    from svlm.cli import compose_train
+    from svlm.config import StageConfig
 
     overrides = [
         f"model={args.model}",
@@ -84,8 +83,7 @@ def config(folder: Path, name: str, cached: bool, args):
     ]
     if "sample_grid" in {f.name for f in dataclasses.fields(StageConfig)}:
         overrides.append("stage.sample_grid=0")
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return load_train_config(compose(config_name="train", overrides=overrides))
+    return compose_train(overrides)
 
 
 def samples_per_s(metrics: Path, batch: int) -> float:

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from svlm.config import ConfigError, build, load_train_config
+from svlm.config import ConfigError, build
 from svlm.models.vlm import VLM, VLMConfig, target_positions
 
 # The fixed comparison sizes: 224 px, patch 14 (256 patches -> 64 visual tokens
@@ -467,32 +467,25 @@ def print_table(r: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    args = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return 0
-    bench_args = [a.removeprefix("bench.") for a in args if a.startswith("bench.")]
-    train_args = [a for a in args if not a.startswith("bench.")]
-    out = Path("outputs") / "bench" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    try:
-        conf = Path(__file__).resolve().parents[1] / "conf"
-        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            cfg = load_train_config(compose("train", [f"paths.run_dir={out}", *train_args]))
+    from svlm.cli import command, compose_train
+
+    def body(args: list[str]) -> int:
+        bench_args = [a.removeprefix("bench.") for a in args if a.startswith("bench.")]
+        train_args = [a for a in args if not a.startswith("bench.")]
+        out = Path("outputs") / "bench" / time.strftime("%Y-%m-%d_%H-%M-%S")
+        cfg = compose_train([f"paths.run_dir={out}", *train_args])
         raw = OmegaConf.to_container(OmegaConf.from_dotlist(bench_args)) if bench_args else {}
-        bench = build(BenchConfig, raw, "bench")
-        results = run(cfg, bench)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print_table(results)
-    out = Path(cfg.paths.run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(results, indent=2))
-    print(f"figures: {out / 'bench.json'}")
-    return 0
+        results = run(cfg, build(BenchConfig, raw, "bench"))
+        print_table(results)
+        out = Path(cfg.paths.run_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(results, indent=2))
+        print(f"figures: {out / 'bench.json'}")
+        return 0
+
+    return command(__doc__, body, argv)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,33 @@ def _guard(fn: Callable[[], object]) -> None:
         sys.exit(2)
 
 
+def command(doc: str, body: Callable[[list[str]], int], argv: list[str] | None = None, errors: tuple = ()) -> int:
+    """The main of a `python -m svlm.<tool>`: -h/--help prints the tool's docstring;
+    `body(args)` gives the exit status; a wrong setting or a missing file (or one of
+    `errors`) is one line on stderr and status 2."""
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        print(doc)
+        return 0
+    try:
+        return body(args)
+    except (ConfigError, DataError, FileNotFoundError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def compose_train(overrides: list[str]):
+    """train.py's TrainConfig (conf/train.yaml) with these overrides, composed
+    outside a Hydra run (the tools that take train.py's overrides)."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return load_train_config(compose("train", overrides))
+
+
 def run_train(cfg: DictConfig) -> None:
     from svlm.training.loop import TrainingStopped, train
 

@@ -388,18 +388,14 @@ def run(cfg: ExportConfig) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
-    args = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
+    from svlm.cli import command
+
+    def body(args: list[str]) -> int:
+        out = run(build(ExportConfig, OmegaConf.to_container(OmegaConf.from_dotlist(args))))
+        print(f"wrote {out}")
         return 0
-    try:
-        cfg = build(ExportConfig, OmegaConf.to_container(OmegaConf.from_dotlist(args)))
-        out = run(cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+
+    return command(__doc__, body, argv)
 
 
 if __name__ == "__main__":

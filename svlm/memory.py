@@ -48,7 +48,6 @@ import torch
 from transformers import Dinov2Config
 
 from svlm.config import HardwareConfig, StageConfig, TrainConfig
-from svlm.errors import ConfigError
 from svlm.models.language_model import LMConfig
 from svlm.models.vision import dinov2_config_of
 from svlm.models.vlm import VLM, VLMConfig
@@ -285,18 +284,10 @@ def choose_optimizer(cfg: TrainConfig, stage: StageConfig, **kw) -> tuple[str, M
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hydra import compose, initialize_config_dir
+    from svlm.cli import command, compose_train
 
-    from svlm.config import load_train_config
-
-    args = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        return 0
-    try:
-        conf = Path(__file__).resolve().parents[1] / "conf"
-        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            cfg = load_train_config(compose("train", ["paths.run_dir=outputs/memory", *args]))
+    def body(args: list[str]) -> int:
+        cfg = compose_train(["paths.run_dir=outputs/memory", *args])
         ok = True
         for stage in cfg.stages():
             kind, est = choose_optimizer(cfg, stage)
@@ -306,10 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                 verdict = "fits" if est.fits(budget) else "does NOT fit"
                 print(f"  {verdict} hardware.memory_budget_gb={budget:g} (with {CONTEXT_GIB} GiB for the CUDA context)")
                 ok = ok and est.fits(budget)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0 if ok else 1
+        return 0 if ok else 1
+
+    return command(__doc__, body, argv, errors=(ValueError,))
 
 
 if __name__ == "__main__":
