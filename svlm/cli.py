@@ -58,10 +58,16 @@ def compose_train(overrides: list[str]):
     from pathlib import Path
 
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return load_train_config(compose("train", overrides))
+        try:
+            cfg = compose("train", overrides)
+        except HydraException as e:  # an unknown key or option, a malformed override: one line, no traceback
+            message = " ".join(str(e).split()).split(" Config search path")[0]
+            raise ConfigError(message) from None
+        return load_train_config(cfg)
 
 
 def run_train(cfg: DictConfig) -> None:

@@ -126,3 +126,16 @@ def test_training_with_offload_saves_fp32_masters(make_train_cfg, tmp_path):
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
     metrics = [json.loads(line) for line in (out.parent / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in m for m in metrics)
+
+
+@pytest.mark.parametrize(
+    "override, named", [("hardware.bogus=1", "hardware.bogus"), ("model=nosuch", "model/nosuch"), ("stage.lr=", "")]
+)
+def test_tools_name_a_bad_override_in_one_line(override, named, capsys):
+    """python -m svlm.memory and svlm.bench: an unknown key or option is one line naming it, status 2."""
+    from svlm import bench, memory
+
+    for tool in (memory, bench):
+        assert tool.main([override]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and named in err and "Traceback" not in err and err.count("\n") == 1
