@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import compose, path_overrides, tiny_train_overrides
-from PIL import Image
+from PIL import Image, ImageFont
 
 from svlm import samples
 from svlm.config import ConfigError, load_train_config
@@ -30,9 +30,46 @@ from svlm.training.loop import train
 WIDTH = 150
 
 
+# Every font-dependent test runs with the font this machine gives, with the
+# fallback a fresh machine without CJK fonts gets (DejaVu Sans from
+# matplotlib), and with PIL's own font (no DejaVu either). Expectations are
+# derived from the font's metrics, never from one machine's glyph widths.
+FONTS = ["system", "dejavu", "pil"]
+
+
+@pytest.fixture(params=FONTS)
+def font_source(request, monkeypatch):
+    """Which font load_font finds, for the whole test (draw_grid loads its own)."""
+    if request.param != "system":
+        monkeypatch.setattr(samples, "_cjk_font_files", lambda: [])
+    if request.param == "pil":  # no font file opens (PIL's own font is read from memory)
+        truetype = ImageFont.truetype
+
+        def no_files(font, *args, **kwargs):
+            if isinstance(font, (str, Path)):
+                raise OSError(f"hidden by the test: {font}")
+            return truetype(font, *args, **kwargs)
+
+        monkeypatch.setattr(ImageFont, "truetype", no_files)
+    load_font.cache_clear()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "sample grids: no font with Chinese characters")
+        yield request.param
+    load_font.cache_clear()
+
+
 @pytest.fixture
-def font():
+def font(font_source):
     return load_font(13)
+
+
+def test_the_fallbacks_are_the_fonts_they_claim(font_source):
+    font = load_font(13)
+    name = font.getname()[0] if isinstance(font, ImageFont.FreeTypeFont) else "PIL bitmap"
+    if font_source == "dejavu":
+        assert name == "DejaVu Sans"
+    elif font_source == "pil":
+        assert name != "DejaVu Sans"
 
 
 def test_pick_indices_are_fixed_distinct_and_mixed():
@@ -63,23 +100,28 @@ def test_wrap_chinese_between_characters_not_before_punctuation(font):
 
 def test_wrap_cuts_long_words_and_limits_lines(font):
     word = "x" * 200
-    lines = wrap(word, font, WIDTH, max_lines=10)
+    assert font.getlength(word) > 2 * WIDTH  # three lines at least, whatever the font
+    lines = wrap(word, font, WIDTH, max_lines=len(word))  # room for every piece: nothing is cut off
     assert "".join(lines) == word and all(font.getlength(line) <= WIDTH for line in lines)
+    assert all(font.getlength(line + "x") > WIDTH for line in lines[:-1])  # each cut as late as it fits
     short = wrap(word, font, WIDTH, max_lines=2)
     assert len(short) == 2 and short[-1].endswith("...") and font.getlength(short[-1]) <= WIDTH
     assert wrap("", font, WIDTH) == [""]
 
 
 def test_tile_lines_label_question_answer_and_reference(font):
+    def expected(*fields):  # each field on one line where the font fits it, else as wrap breaks it
+        return [(line, colour) for text, colour in fields for line in wrap(text, font, 224)]
+
     right = tile_lines(Sample("What colour is the shape?", "red", "Red."), font, 224)
-    assert right == [
-        ("Q: What colour is the shape?", samples.INK),
-        ("model: red", RIGHT),
-        ("reference: Red.", samples.GREY),
-    ]
+    fields = [("Q: What colour is the shape?", samples.INK), ("model: red", RIGHT), ("reference: Red.", samples.GREY)]
+    assert right == expected(*fields)
+    if all(font.getlength(text) <= 224 for text, _ in fields):
+        assert right == fields
     wrong = tile_lines(Sample("这个形状是什么颜色？", "", "蓝色"), font, 224)
-    assert [text for text, _ in wrong] == ["Q: 这个形状是什么颜色？", "model: (nothing)", "reference: 蓝色"]
-    assert wrong[1][1] == WRONG
+    fields = [("Q: 这个形状是什么颜色？", samples.INK), ("model: (nothing)", WRONG), ("reference: 蓝色", samples.GREY)]
+    assert wrong == expected(*fields)
+    assert {colour for _, colour in wrong} == {samples.INK, WRONG, samples.GREY}
 
 
 def test_layout_rows_of_columns_under_a_header():
@@ -91,7 +133,7 @@ def test_layout_rows_of_columns_under_a_header():
     assert layout(5, (100, 60), columns=4, header=20).size == (400, 140)
 
 
-def test_grid_png_has_a_tile_per_sample_framed_by_correctness(tmp_path):
+def test_grid_png_has_a_tile_per_sample_framed_by_correctness(tmp_path, font_source):
     picture = Image.new("RGB", (64, 64), (200, 220, 240))
     batch = [
         Sample("What colour is the shape?", "red", "red", picture),
