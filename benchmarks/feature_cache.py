@@ -136,7 +136,7 @@ def analytic_ceiling(cfg) -> dict:
     tokenizer = tokenizer_for_data(cfg.tokenizer, train_files(cfg.data, root, stage.task))
     model = build_model(cfg, tokenizer)
     set_trainable(model, stage)
-    encoder = ChatEncoder(tokenizer, model.num_image_tokens)
+    encoder = ChatEncoder.for_model(tokenizer, model)
     processor = ImageProcessor(model.cfg.vision)
     train_ds, _ = load_splits(cfg.data, root, stage.task, encoder, processor, cfg.data.max_len, BadSamples(), 0)
     examples = [train_ds.example(i) for i in range(len(train_ds))]

@@ -314,7 +314,7 @@ def padding_share(cfg, model: VLM, batch: int, micro: int | None = None) -> floa
     root = data_root(cfg.data, cfg.paths.cache)
     first, stage = cfg.stages()[0], cfg.stages()[-1]  # the tokenizer is trained on the first stage's data
     tokenizer = tokenizer_for_data(cfg.tokenizer, train_files(cfg.data, root, first.task))
-    encoder = ChatEncoder(tokenizer, model.num_image_tokens)
+    encoder = ChatEncoder.for_model(tokenizer, model)
     ds, _ = load_splits(cfg.data, root, stage.task, encoder, None, cfg.data.max_len, None, cfg.seed)
     if not isinstance(ds, ChatDataset):
         return float("nan")

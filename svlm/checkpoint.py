@@ -3,7 +3,7 @@
 renamed into place), so a folder that exists is complete.
 
     <folder>/model.safetensors   weights
-    <folder>/config.json         the VLMConfig
+    <folder>/config.json         the VLMConfig (with image_placement: how prompts place images)
     <folder>/vision_config.json  the DINOv2 config (so loading needs no DINOv2 download)
     <folder>/svlm.json           stage, model name and key, step, finished_at, metrics
     <folder>/tokenizer.json ...  the tokenizer, with its chat template
@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from safetensors.torch import save_model as save_safetensors
 from transformers import Dinov2Config
 
+from svlm.data.chat import chat_template
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.tokenizer import load_tokenizer
 
@@ -32,15 +33,18 @@ META = "svlm.json"
 
 # Model settings added after models were trained, with the value that means
 # "as before": left out of the key at that value, so older models keep their key.
-LATER_KEYS = {("vision", "feature_layer"): None}
+LATER_KEYS = {("vision", "feature_layer"): None, ("image_placement",): "first"}
 
 
 def model_key(model_cfg: dict) -> str:
     """A short hash of a model config: stage 2 only starts from a stage 1 of the same model."""
     cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in model_cfg.items()}
-    for (group, name), default in LATER_KEYS.items():
-        if isinstance(cfg.get(group), dict) and name in cfg[group] and cfg[group][name] == default:
-            del cfg[group][name]
+    for (*groups, name), default in LATER_KEYS.items():
+        node = cfg
+        for group in groups:
+            node = node.get(group) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node and node[name] == default:
+            del node[name]
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -74,6 +78,7 @@ def save_model(
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
     model.vision.dinov2.config.to_json_file(tmp / "vision_config.json")
+    tokenizer.chat_template = chat_template(model.cfg.image_placement)
     tokenizer.save_pretrained(tmp)
     (tmp / META).write_text(json.dumps({**meta, "finished_at": time.time()}, indent=2))
     return replace_folder(tmp, folder)
@@ -166,5 +171,6 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     tokenizer = load_tokenizer(folder)
+    tokenizer.chat_template = chat_template(cfg.image_placement)
     meta = json.loads((folder / META).read_text())
     return model.to(device).eval(), tokenizer, meta

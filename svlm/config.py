@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from svlm.data.chat import ImagePlacement
 from svlm.errors import ConfigError
 from svlm.models.language_model import LMConfig
 from svlm.models.projector import ProjectorConfig
@@ -30,6 +31,9 @@ class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     lm: LMConfig = field(default_factory=LMConfig)  # lm.vocab_size is taken from the tokenizer
+    # Where a user turn's images go (svlm/data/chat.py): first (before the text, whatever
+    # order data or requests give) or inline (as given). Recorded with the model.
+    image_placement: ImagePlacement = "first"
 
     def __post_init__(self) -> None:
         if self.vision.use_cls and self.projector.kind == "mlp" and self.projector.compress != "none":

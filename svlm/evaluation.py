@@ -178,7 +178,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             )
         data_cfg = build(DataConfig, meta["data_config"], "data")
     root = data_root(data_cfg, cfg.paths.cache)
-    encoder = ChatEncoder(tokenizer, model.num_image_tokens)
+    encoder = ChatEncoder.for_model(tokenizer, model)
     processor = ImageProcessor(model.cfg.vision)
     images = image_dir(data_cfg, root, cfg.task)
     max_len = min(data_cfg.max_len, model.cfg.lm.max_seq_len)

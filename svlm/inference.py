@@ -20,7 +20,7 @@ def ask(cfg: InferConfig) -> str:
     folder = resolve_model(cfg.ckpt, cfg.paths.outputs)
     device = pick_device(cfg.hardware)
     model, tokenizer, _ = load_model(folder, device)
-    encoder = ChatEncoder(tokenizer, model.num_image_tokens)
+    encoder = ChatEncoder.for_model(tokenizer, model)
     pixel_values = None
     if cfg.image is not None:
         if not Path(cfg.image).is_file():

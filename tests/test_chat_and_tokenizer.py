@@ -11,6 +11,8 @@ from svlm.data.chat import (
     PAD_TOKEN,
     SPECIAL_TOKENS,
     ChatEncoder,
+    chat_template,
+    place_images,
     render,
 )
 from svlm.errors import ConfigError
@@ -99,6 +101,46 @@ def test_saved_jinja_template_matches_render(tokenizer, tmp_path, turns, gen):
     assert text == render(turns, add_generation_prompt=gen)
     ids, _ = ChatEncoder(loaded, num_image_tokens=1).encode(turns, add_generation_prompt=gen)
     assert loaded.encode(text, add_special_tokens=False) == ids
+
+
+PLACEMENTS = [  # a user turn as written -> as the model sees it with image_placement=first
+    ("<image>\nWhat colour is the shape?", "<image>\nWhat colour is the shape?"),  # the training data's form
+    ("What colour is the shape?\n<image>", "<image>\nWhat colour is the shape?"),  # OpenAI's text-first parts
+    ("What colour is the shape?<image>", "<image>\nWhat colour is the shape?"),  # the original's jsonl
+    ("Compare <image> and <image>, please.", "<image>\n<image>\nCompare\nand\n, please."),
+    ("<image>", "<image>"),
+    ("<image>\n<image>\nTwo lines\nof text", "<image>\n<image>\nTwo lines\nof text"),
+    ("No picture here.", "No picture here."),
+]
+
+
+@pytest.mark.parametrize("written, seen", PLACEMENTS)
+def test_images_first_whatever_order_they_come_in(tokenizer, written, seen):
+    assert place_images(written, "first") == seen
+    assert place_images(written, "inline") == written
+    first, inline = ChatEncoder(tokenizer, 3, "first"), ChatEncoder(tokenizer, 3, "inline")
+    turns = [("user", written), ("assistant", "red")]
+    assert first.encode(turns) == inline.encode([("user", seen), ("assistant", "red")])
+    assert first.prompt(written) == inline.prompt(seen)
+    assert inline.encode(turns)[0].count(inline.image_id) == 3 * written.count(IMAGE_TOKEN)
+    assistant = [("user", "x"), ("assistant", written)]  # only user turns are moved
+    assert first.encode(assistant) == inline.encode(assistant)
+
+
+@pytest.mark.parametrize("placement", ["first", "inline"])
+@pytest.mark.parametrize("gen", [True, False])
+def test_jinja_template_places_images_like_render(placement, gen):
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    template = _compile_jinja_template(chat_template(placement))
+    for written, _ in PLACEMENTS:
+        turns = [("user", written), ("assistant", "A <image> stays."), ("user", written)]
+        messages = [{"role": r, "content": c} for r, c in turns]
+        assert template.render(messages=messages, add_generation_prompt=gen) == render(turns, gen, placement)
+    # OpenAI/LLaVA-style parts are joined by newlines, an image part as <image>, then placed
+    parts = [{"type": "text", "text": "What colour?"}, {"type": "image"}, {"type": "text", "text": "Short answer."}]
+    text = template.render(messages=[{"role": "user", "content": parts}], add_generation_prompt=gen)
+    assert text == render([("user", "What colour?\n<image>\nShort answer.")], gen, placement)
 
 
 def test_render_format():

@@ -1,6 +1,7 @@
-"""Export to transformers' LLaVA format (svlm/export.py), checked with
-transformers alone: processor, logits, greedy generation; the refusals; and the
-import back into our model."""
+"""Export to transformers' formats (svlm/export/), checked with transformers
+alone: processor, logits, greedy generation, for LLaVA (a projector without a
+norm) and InternVL (the default tiny model: pixel shuffle and LayerNorm); the
+refusals; and the import back into our model."""
 
 import dataclasses
 import json
@@ -10,13 +11,13 @@ import pytest
 import torch
 from conftest import compose, path_overrides, tiny_train_overrides
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from svlm.checkpoint import load_model
 from svlm.config import load_train_config
-from svlm.data.chat import ChatEncoder, render
+from svlm.data.chat import JINJA_TEMPLATE, ChatEncoder, render
 from svlm.errors import ConfigError
-from svlm.export import CHAT_TEMPLATE, check_exportable, export_llava, import_llava, main
+from svlm.export import check_exportable, export_model, import_model, main
 from svlm.generation import generate
 from svlm.models.language_model import LMConfig
 from svlm.models.projector import ProjectorConfig
@@ -24,9 +25,9 @@ from svlm.models.vision import ImageProcessor, VisionConfig, VisionEncoder
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.training.loop import train
 
-# What makes the tiny test model exportable (the default tiny merges patches
-# and normalises in the projector, and reads DINOv2 after its final norm);
-# GQA too, so the key/value heads are exercised.
+# What makes the tiny test model a LLaVA (the default tiny merges patches and
+# normalises in the projector, and reads DINOv2 after its final norm: an
+# InternVL); GQA too, so the key/value heads are exercised.
 EXPORTABLE = [
     "model.projector.compress=none",
     "model.projector.norm=false",
@@ -36,18 +37,24 @@ EXPORTABLE = [
 QUESTION = "What colour is the shape?"
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, cache_dir, shapes_root):
-    """A tiny model trained 3+3 steps (both stages), exported with the CLI."""
-    base = tmp_path_factory.mktemp("export")
-    cfg = load_train_config(
-        compose("train", [*tiny_train_overrides("both"), *path_overrides(base, cache_dir), *EXPORTABLE])
-    )
-    _, model_dir = train(cfg)
-    out = base / "llava"
+FORMATS = {"llava": EXPORTABLE, "internvl": ["model.lm.n_kv_heads=2"]}  # internvl: the default projector
+
+
+@pytest.fixture(scope="module", params=sorted(FORMATS))
+def exported(request, tmp_path_factory, cache_dir, shapes_root):
+    """A tiny model trained 3+3 steps (both stages), exported with the CLI:
+    as LLaVA with EXPORTABLE, as InternVL with the default projector."""
+    base = tmp_path_factory.mktemp(f"export-{request.param}")
+    overrides = [*tiny_train_overrides("both"), *path_overrides(base, cache_dir), *FORMATS[request.param]]
+    _, model_dir = train(load_train_config(compose("train", overrides)))
+    out = base / request.param
     assert main([f"ckpt={model_dir}", f"out={out}"]) == 0
     model, tokenizer, _ = load_model(model_dir)
     return model, tokenizer, out
+
+
+def _load(out):
+    return AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
 
 
 def _image(shapes_root, i=0):
@@ -70,10 +77,14 @@ def test_exported_files(exported):
     assert {"config.json", "model.safetensors", "generation_config.json", "processor_config.json"} <= set(names)
     assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= set(names)
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == "llava"
-    assert config["vision_config"]["model_type"] == "dinov2"
     assert config["text_config"]["model_type"] == "llama"
-    assert config["vision_feature_layer"] == -1 and config["vision_feature_select_strategy"] == "default"
+    assert config["vision_feature_select_strategy"] == "default"
+    assert config["vision_feature_layer"] == -1  # LLaVA: the last layer before the norm; InternVL: after it
+    if config["model_type"] == "llava":
+        assert config["vision_config"]["model_type"] == "dinov2"
+    else:
+        assert config["model_type"] == "internvl" and config["downsample_ratio"] == 0.5  # 2x2 patches a token
+        assert config["vision_config"]["model_type"] == "internvl_vision"
 
 
 def test_processor_matches_our_pipeline(exported, shapes_root):
@@ -85,9 +96,11 @@ def test_processor_matches_our_pipeline(exported, shapes_root):
         Image.fromarray(rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)),  # resized, not square
         Image.fromarray(rng.integers(0, 256, (50, 40, 4), dtype=np.uint8), "RGBA"),  # alpha on white
     ]
-    conversations = [  # our plain-string content, and LLaVA's list of parts
+    conversations = [  # our plain-string content, and LLaVA's list of parts; the text first too
         [{"role": "user", "content": f"<image>\n{QUESTION}"}],
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}],
+        [{"role": "user", "content": f"{QUESTION}\n<image>"}],
+        [{"role": "user", "content": [{"type": "text", "text": QUESTION}, {"type": "image"}]}],
     ]
     for image in images:
         ids, pixels = _ours(model, tokenizer, image)
@@ -105,24 +118,24 @@ def test_chat_template_renders_like_ours(exported):
     messages = [{"role": r, "content": c} for r, c in turns]
     for gen in (False, True):
         assert processor.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False) == render(turns, gen)
-    assert processor.tokenizer.chat_template == CHAT_TEMPLATE
+    assert processor.tokenizer.chat_template == JINJA_TEMPLATE  # the model folder's own: images first
 
 
 def test_logits_match(exported, shapes_root):
     model, tokenizer, out = exported
-    llava = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    llava = _load(out)
     for i in range(2):
         ids, pixels = _ours(model, tokenizer, _image(shapes_root, i))
         with torch.no_grad():
             ours = model(ids, pixels).logits
             theirs = llava(input_ids=ids, pixel_values=pixels).logits
         assert theirs.shape == ours.shape
-        assert _rel_diff(ours, theirs) < 1e-4
+        assert _rel_diff(ours, theirs) < 1e-5
 
 
 def _greedy_both(model, tokenizer, out, image, n=12):
     """Greedy answers of ours (svlm.generation) and of transformers' generate."""
-    llava = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    llava = _load(out)
     processor = AutoProcessor.from_pretrained(out)
     end = tokenizer.convert_tokens_to_ids("<|end|>")
     ids, pixels = _ours(model, tokenizer, image)
@@ -146,12 +159,12 @@ def test_greedy_generation_matches(exported, shapes_root):
         assert theirs == ours
 
 
-def _small_vlm(tokenizer, vision=None, projector=None, lm=None) -> VLM:
+def _small_vlm(tokenizer, vision=None, projector=None, lm=None, dinov2_config=None) -> VLM:
     """A small VLM with every weight moved off its initial value."""
     vision = VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, **(vision or {}))
     lm = LMConfig(vocab_size=len(tokenizer), d_model=64, n_layers=2, n_heads=4, max_seq_len=256, **(lm or {}))
     cfg = VLMConfig(vision, ProjectorConfig(**(projector or {})), lm, tokenizer.convert_tokens_to_ids("<image>"))
-    model = VLM(cfg).eval()
+    model = VLM(cfg, dinov2_config=dinov2_config).eval()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -159,25 +172,40 @@ def _small_vlm(tokenizer, vision=None, projector=None, lm=None) -> VLM:
     return model
 
 
-EXPORTABLE_SMALL = {"vision": {"feature_layer": -1}, "projector": {"norm": False}}
+EXPORTABLE_SMALL = {"vision": {"feature_layer": -1}, "projector": {"norm": False}}  # LLaVA
+SHUFFLED = {"compress": "pixel_shuffle", "factor": 2}  # InternVL, as the default tiny model
 
 
 @pytest.mark.parametrize(
-    "variant",
+    "kind, variant",
     [
-        {},
-        {"vision": {"use_cls": True, "feature_layer": -2}},  # strategy "full", an earlier layer
-        {"lm": {"tie_embeddings": False, "bias": True, "n_kv_heads": 1}},
-        {"projector": {"norm": False, "hidden": 64}, "lm": {"rope_theta": 500.0}},
+        ("llava", {}),
+        ("llava", {"vision": {"use_cls": True, "feature_layer": -2}}),  # strategy "full", an earlier layer
+        ("llava", {"lm": {"tie_embeddings": False, "bias": True, "n_kv_heads": 1}}),
+        ("llava", {"projector": {"norm": False, "hidden": 64}, "lm": {"rope_theta": 500.0}}),
+        ("internvl", {"projector": SHUFFLED}),  # after DINOv2's final norm, 2x2 patches a token
+        ("internvl", {"projector": {**SHUFFLED, "factor": 4}, "vision": {"feature_layer": -1}}),  # one token
+        ("internvl", {"projector": {"compress": "none"}, "vision": {"feature_layer": -2}}),  # every patch
+        ("internvl", {"projector": {**SHUFFLED, "hidden": 64}, "lm": {"tie_embeddings": False, "bias": True}}),
     ],
-    ids=["plain", "cls-layer-2", "untied-bias-mqa", "hidden-theta"],
+    ids=[
+        "plain",
+        "cls-layer-2",
+        "untied-bias-mqa",
+        "hidden-theta",
+        "shuffle",
+        "shuffle4-layer-1",
+        "unmerged-layer-2",
+        "shuffle-untied-bias",
+    ],  # fmt: skip
 )
-def test_variants_export_and_import(variant, tokenizer, shapes_root, tmp_path):
-    parts = {k: {**EXPORTABLE_SMALL.get(k, {}), **variant.get(k, {})} for k in ("vision", "projector", "lm")}
+def test_variants_export_and_import(kind, variant, tokenizer, shapes_root, tmp_path):
+    base = EXPORTABLE_SMALL if kind == "llava" else {}
+    parts = {k: {**base.get(k, {}), **variant.get(k, {})} for k in ("vision", "projector", "lm")}
     model = _small_vlm(tokenizer, **parts)
-    out = export_llava(model, tokenizer, tmp_path / "llava")
-    assert tokenizer.chat_template != CHAT_TEMPLATE  # the export changed a copy, not ours
-    llava = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    out = export_model(model, tokenizer, tmp_path / kind)
+    assert json.loads((out / "config.json").read_text())["model_type"] == kind
+    llava = _load(out)
     processor = AutoProcessor.from_pretrained(out)
     image = _image(shapes_root)
     ids, pixels = _ours(model, tokenizer, image)
@@ -189,17 +217,35 @@ def test_variants_export_and_import(variant, tokenizer, shapes_root, tmp_path):
     with torch.no_grad():
         ours = model(ids, pixels).logits
         theirs = llava(**inputs).logits
-    assert _rel_diff(ours, theirs) < 1e-4
+    assert _rel_diff(ours, theirs) < 1e-5
     # greedy generation: these random weights answer at length, not with <|end|> at once
     answer, their_answer = _greedy_both(model, tokenizer, out, image)
     assert len(answer) == 12 and their_answer == answer
     # and back: the imported model is ours again, weight for weight
-    back, _, meta = load_model(import_llava(out, tmp_path / "back"))
+    back, _, meta = load_model(import_model(out, tmp_path / "back"))
     assert meta["stage"] == "import"
     same = dataclasses.replace(model.cfg, projector=dataclasses.replace(model.cfg.projector, hidden=None))
     assert dataclasses.asdict(back.cfg) == dataclasses.asdict(same)  # hidden=null is the LM width
     with torch.no_grad():
         torch.testing.assert_close(back(ids, pixels).logits, ours, atol=0, rtol=0)
+
+
+def test_internvl_position_embeddings_resampled_as_dinov2_does(tokenizer, shapes_root, tmp_path):
+    """A downloaded DINOv2 has positions for 518 px (37x37 patches) and resamples
+    them at every forward pass to the image size (16x16 at 224 px for model=base);
+    the export resamples them once, with DINOv2's own interpolation."""
+    from transformers import Dinov2Config
+
+    from svlm.models.vision import dinov2_config_of
+
+    vision = VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2)
+    larger = Dinov2Config(**{**dinov2_config_of(vision).to_dict(), "image_size": 56})  # 7x7 positions, 4x4 used
+    model = _small_vlm(tokenizer, projector=SHUFFLED, dinov2_config=larger)
+    assert model.vision.dinov2.embeddings.position_embeddings.shape[1] == 1 + 49
+    out = export_model(model, tokenizer, tmp_path / "internvl")
+    ids, pixels = _ours(model, tokenizer, _image(shapes_root))
+    with torch.no_grad():
+        assert _rel_diff(model(ids, pixels).logits, _load(out)(input_ids=ids, pixel_values=pixels).logits) < 1e-5
 
 
 def _train_config(*overrides: str):
@@ -219,9 +265,15 @@ def _model_config(*overrides: str) -> VLMConfig:
         (["model=svlm"], "low-rank reducer", "model.lm.d_in=4096"),
         (["model=svlm"], "learned positions", "model.lm.pos=learned"),
         (["model=svlm"], "layernorm in the language model", "model.lm.norm=layernorm"),
-        (["model=tiny"], "pixel_shuffle token compression", "model.projector.compress=pixel_shuffle"),
-        (["model=tiny"], "projector's LayerNorm", "model.projector.norm=true"),
-        (["model=tiny"], "final LayerNorm", "model.vision.feature_layer=null"),
+        (["model.projector.norm=false"], "pixel_shuffle token compression", "model.projector.norm=true"),
+        (
+            ["model.projector.norm=false", "model.projector.compress=none"],
+            "final LayerNorm",
+            "model.vision.feature_layer=null",
+        ),
+        (["model.projector.compress=none", "model.vision.use_cls=true"], "CLS token", "model.vision.use_cls=true"),
+        (["model.projector.factor=5"], "pixel shuffle by 5", "model.projector.factor=5"),
+        (["model.projector.compress=avg_pool"], "avg_pool token compression", "compress=avg_pool"),
         ([*EXPORTABLE, "model.projector.compress=avg_pool"], "avg_pool token compression", "compress=avg_pool"),
         ([*EXPORTABLE, "model.lm.mlp=gelu"], "gelu feed-forward", "model.lm.mlp=gelu"),
         ([*EXPORTABLE, "+model.projector.hidden=96"], "projector hidden width", "model.projector.hidden"),
@@ -234,17 +286,19 @@ def test_refusals_name_the_part_and_key(overrides, part, key):
 
 
 def test_exportable_overrides_pass():
-    check_exportable(_model_config(*EXPORTABLE))  # the tiny model with the README's overrides
-    check_exportable(_model_config("model=base", *EXPORTABLE))
+    for model in ("tiny", "base"):  # the defaults, and with the README's overrides for LLaVA
+        assert check_exportable(_model_config(f"model={model}")).MODEL_TYPE == "internvl"
+        assert check_exportable(_model_config(f"model={model}", *EXPORTABLE)).MODEL_TYPE == "llava"
 
 
 def test_cli_refuses_and_writes_nothing(tokenizer, tmp_path, capsys):
     from svlm.checkpoint import save_model
 
-    model = _small_vlm(tokenizer, projector={"compress": "pixel_shuffle", "factor": 2})
+    model = _small_vlm(tokenizer, projector={"compress": "pixel_shuffle", "factor": 2, "norm": False})
     folder = save_model(tmp_path / "model", model, tokenizer, {"stage": "stage1"})
     assert main([f"ckpt={folder}", f"out={tmp_path / 'llava'}"]) == 2
     err = capsys.readouterr().err
+    assert "cannot be exported to transformers' LLaVA format" in err
     assert "pixel_shuffle token compression (model.projector.compress=pixel_shuffle)" in err
     assert "model.vision.feature_layer=null" in err
     assert not (tmp_path / "llava").exists()
@@ -257,11 +311,11 @@ def test_export_never_replaces_another_folder(tokenizer, tmp_path):
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="not an earlier LLaVA export"):
-        export_llava(model, tokenizer, other)
+    with pytest.raises(ConfigError, match="not an earlier export"):
+        export_model(model, tokenizer, other)
     assert (other / "keep.txt").read_text() == "mine"
-    out = export_llava(model, tokenizer, tmp_path / "llava")
-    assert export_llava(model, tokenizer, out) == out  # an earlier export is replaced
+    out = export_model(model, tokenizer, tmp_path / "llava")
+    assert export_model(model, tokenizer, out) == out  # an earlier export is replaced
 
 
 def test_feature_layer_reads_before_the_final_norm():
@@ -292,13 +346,15 @@ def test_help(capsys):
 
 
 def test_model_key_unchanged_by_the_new_setting():
-    """Models trained before feature_layer existed keep their key (stage 2 still finds them)."""
+    """Models trained before feature_layer and image_placement existed keep their key (stage 2 still finds them)."""
     import hashlib
 
     from svlm.checkpoint import model_key
 
     model = dataclasses.asdict(_train_config().model)
     before = {**model, "vision": {k: v for k, v in model["vision"].items() if k != "feature_layer"}}
+    del before["image_placement"]
     old_key = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12]
     assert model_key(model) == old_key
     assert model_key(dataclasses.asdict(_train_config(*EXPORTABLE[2:3]).model)) != old_key
+    assert model_key(dataclasses.asdict(_train_config("model.image_placement=inline").model)) != old_key

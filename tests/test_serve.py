@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 from conftest import REPO, compose, path_overrides, tiny_train_overrides
 from PIL import Image
@@ -509,3 +510,60 @@ def test_command_line(model_dir, tmp_path, cache_dir):
     assert f"Uvicorn running on http://127.0.0.1:{port}" in out and "Traceback" not in out
     (log,) = (tmp_path / "serve").glob("*/serve.log")  # Hydra's run folder keeps the server's log
     assert "POST /v1/chat/completions" in log.read_text()
+
+
+# ------------------------------------------------------- where images are placed
+
+
+@pytest.fixture(scope="module")
+def answering_model(model_dir, tmp_path_factory, tokenizer):
+    """The test model with its weights moved off their initial values, so that
+    its greedy answers depend on the prompt (a fresh init answers alike)."""
+    from svlm.checkpoint import load_model
+
+    model, _, meta = load_model(model_dir)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return save_model(tmp_path_factory.mktemp("answering") / "model", model, tokenizer, meta)
+
+
+def test_text_first_requests_get_the_answers_of_eval(answering_model, tmp_path, cache_dir, tokenizer):
+    """OpenAI's own vision example sends the text part before the image part;
+    the model was trained on `<image>\\n{question}`. Either order gets the
+    answer eval.py's path gives to the same question and picture."""
+    from conftest import DATA_OVERRIDES
+
+    from svlm.config import load_eval_config
+    from svlm.data.chat import ChatEncoder
+    from svlm.evaluation import evaluate
+
+    n, max_tokens = 6, 8
+    overrides = ["data=shapes", *DATA_OVERRIDES, *path_overrides(tmp_path / "eval", cache_dir), "hardware=cpu"]
+    evaluate(load_eval_config(compose("eval", [f"ckpt={answering_model}", *overrides, f"max_test={n}",
+                                               f"max_new_tokens={max_tokens}", "batch_size=1"])))  # fmt: skip
+    predictions = [json.loads(x) for x in (tmp_path / "eval" / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == n
+    cfg = serve_config(answering_model, tmp_path / "serve", cache_dir, "serve.max_queue=8")
+    with running(cfg) as (url, engine):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        for p in predictions:
+            file, line = p["where"].rsplit(":", 1)
+            record = json.loads(Path(file).read_text().splitlines()[int(line) - 1])
+            image = {"type": "image_url", "image_url": {"url": data_url((Path(file).parent / "images" / Path(
+                record["image"]).name).read_bytes())}}  # fmt: skip
+            text = {"type": "text", "text": p["prompt"]}
+            answers = []
+            for content in ([image, text], [text, image]):
+                reply = client.chat.completions.create(
+                    model="svlm", messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0
+                )
+                answers.append(reply.choices[0].message.content)
+            assert answers == [p["answer"], p["answer"]], p["prompt"]
+        # Without placing images first, the text-first prompt is another sequence altogether.
+        inline = ChatEncoder(tokenizer, engine.model.num_image_tokens, "inline")
+        turns = [("user", f"{predictions[0]['prompt']}\n<image>")]
+        assert inline.encode(turns, True) != engine.encoder.encode(turns, True)
+        assert engine.encoder.encode(turns, True) == inline.encode([("user", f"<image>\n{predictions[0]['prompt']}")],
+                                                                   True)  # fmt: skip

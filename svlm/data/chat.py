@@ -9,11 +9,25 @@ for generation ends with "<|assistant|>\n"; generation stops at "<|end|>".
 Each `<image>` in a user turn expands to `num_image_tokens` placeholder ids
 that the model fills with visual tokens.
 
+Where the images go (`image_placement`, recorded with every model): `first`
+puts a user turn's images before its text, one a line, whatever order the
+data or a request gives them in:
+
+    "What colour is it?\n<image>"  ->  "<image>\nWhat colour is it?"
+
+That is how every model trained here so far has seen them (the shapes data
+and LLaVA's data open a question with `<image>\n`), so a client that sends
+its text part first (OpenAI's own vision example does) gets the answer the
+model was trained to give. `inline` keeps the order as given, for models
+trained on interleaved text and images.
+
 The same template is also written, as Jinja, into the tokenizer folder
 (`chat_template`), so other tools format prompts the same way.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
@@ -22,33 +36,89 @@ USER_TOKEN = "<|user|>"
 ASSISTANT_TOKEN = "<|assistant|>"
 SPECIAL_TOKENS = [PAD_TOKEN, IMAGE_TOKEN, END_TOKEN, USER_TOKEN, ASSISTANT_TOKEN]
 
-JINJA_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
-)
+ImagePlacement = Literal["first", "inline"]
+PLACEMENTS = ("first", "inline")
 
 IGNORE = -100
 
 
-def render(turns: list[tuple[str, str]], add_generation_prompt: bool = False) -> str:
+def place_images(text: str, placement: ImagePlacement = "first") -> str:
+    """A user turn's text with its <image> tags where the model expects them:
+    `first`: every tag before the text, one a line, and the text's pieces
+    between tags joined by newlines; `inline`: as given."""
+    if placement == "inline" or IMAGE_TOKEN not in text:
+        return text
+    pieces = [piece.strip() for piece in text.split(IMAGE_TOKEN)]
+    tags = "\n".join([IMAGE_TOKEN] * text.count(IMAGE_TOKEN))
+    return tags + "".join(f"\n{piece}" for piece in pieces if piece)
+
+
+def chat_template(placement: ImagePlacement = "first") -> str:
+    """The template as Jinja, for transformers' apply_chat_template: content is
+    a string (with <image> tags) or a list of {"type": "image"} / {"type":
+    "text", "text": ...} parts (joined by newlines, an image part as <image>,
+    as the server joins OpenAI's parts); user turns then go through the same
+    placement as place_images."""
+    first = "true" if placement == "first" else "false"
+    return (
+        "{%- macro place(text) -%}"
+        "{%- if not images_first or '<image>' not in text -%}{{ text }}"
+        "{%- else -%}"
+        "{%- set ns = namespace(tags=[], rest='') -%}"
+        "{%- for piece in text.split('<image>') -%}"
+        "{%- if not loop.first %}{% set ns.tags = ns.tags + ['<image>'] %}{% endif -%}"
+        "{%- if piece.strip() %}{% set ns.rest = ns.rest + '\\n' + piece.strip() %}{% endif -%}"
+        "{%- endfor -%}"
+        "{{ ns.tags | join('\\n') }}{{ ns.rest }}"
+        "{%- endif -%}"
+        "{%- endmacro -%}"
+        f"{{%- set images_first = {first} -%}}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string %}{% set text = message['content'] -%}"
+        "{%- else %}{% set ns = namespace(parts=[]) -%}"
+        "{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' %}{% set ns.parts = ns.parts + ['<image>'] -%}"
+        "{%- elif part['type'] == 'text' %}{% set ns.parts = ns.parts + [part['text']] %}{% endif -%}"
+        "{%- endfor %}{% set text = ns.parts | join('\\n') %}{% endif -%}"
+        "{{ '<|' + message['role'] + '|>\\n' }}"
+        "{{ place(text) if message['role'] == 'user' else text }}"
+        "{{ '<|end|>\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif -%}"
+    )
+
+
+JINJA_TEMPLATE = chat_template("first")
+
+
+def render(
+    turns: list[tuple[str, str]], add_generation_prompt: bool = False, image_placement: ImagePlacement = "first"
+) -> str:
     """The conversation as one string (what the Jinja template also gives)."""
-    text = "".join(f"<|{role}|>\n{content}{END_TOKEN}\n" for role, content in turns)
+    text = "".join(
+        f"<|{role}|>\n{place_images(content, image_placement) if role == 'user' else content}{END_TOKEN}\n"
+        for role, content in turns
+    )
     return text + (f"{ASSISTANT_TOKEN}\n" if add_generation_prompt else "")
 
 
 class ChatEncoder:
     """Turns conversations into input ids and labels for one tokenizer."""
 
-    def __init__(self, tokenizer, num_image_tokens: int) -> None:
+    def __init__(self, tokenizer, num_image_tokens: int, image_placement: ImagePlacement = "first") -> None:
         self.tok = tokenizer
         self.num_image_tokens = num_image_tokens
+        self.image_placement = image_placement
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.end_id = tokenizer.convert_tokens_to_ids(END_TOKEN)
         self.pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
         bos = getattr(tokenizer, "bos_token_id", None)
         self.prefix = [bos] if bos is not None else []
+
+    @classmethod
+    def for_model(cls, tokenizer, model) -> ChatEncoder:
+        """The encoder a VLM was trained with: its image slots and image placement."""
+        return cls(tokenizer, model.num_image_tokens, model.cfg.image_placement)
 
     def _ids(self, text: str) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False)
@@ -61,6 +131,8 @@ class ChatEncoder:
         """-> (input_ids, labels); labels are IGNORE except on assistant text + <|end|>."""
         ids, labels = list(self.prefix), [IGNORE] * len(self.prefix)
         for role, content in turns:
+            if role == "user":
+                content = place_images(content, self.image_placement)
             head = self._ids(f"<|{role}|>\n")
             body = self._ids(content) + [self.end_id]
             tail = self._ids("\n")

@@ -80,7 +80,8 @@ def check(cfg: TrainConfig) -> dict:
     tokenizer = tokenizer_for_data(cfg.tokenizer, train_files(cfg.data, root, tasks[0]))
     vision = sync_with_checkpoint(cfg.model.vision) if cfg.model.vision.path else cfg.model.vision
     grid = vision.image_size // vision.patch_size
-    encoder = ChatEncoder(tokenizer, count_tokens(cfg.model.projector, grid * grid + vision.use_cls))
+    n_slots = count_tokens(cfg.model.projector, grid * grid + vision.use_cls)
+    encoder = ChatEncoder(tokenizer, n_slots, cfg.model.image_placement)
     max_len = min(cfg.data.max_len, cfg.model.lm.max_seq_len)
     reports = []
     for task in tasks:

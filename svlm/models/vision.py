@@ -15,9 +15,10 @@ Which features the projector sees (`feature_layer`):
   DINOv2's final LayerNorm;
 - an index k: `hidden_states[k]`, a layer's output before that LayerNorm
   (0 is the patch embeddings, -1 the last layer, -2 the one before). This is
-  how LLaVA reads its vision tower (`vision_feature_layer`), so only a model
-  trained with an index can be exported to transformers' LLaVA format
-  (svlm/export.py). The layers after k, and the final LayerNorm, are unused.
+  how LLaVA reads its vision tower (`vision_feature_layer`), so a model
+  whose projector has no norm exports to transformers' LLaVA format only when
+  trained with an index (svlm/export/). The layers after k, and the final
+  LayerNorm, are unused.
 """
 
 from __future__ import annotations

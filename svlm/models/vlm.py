@@ -23,6 +23,7 @@ class VLMConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     lm: LMConfig = field(default_factory=LMConfig)
     image_token_id: int = -1  # set from the tokenizer
+    image_placement: str = "first"  # where prompts put a user turn's images (svlm/data/chat.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -34,6 +35,7 @@ class VLMConfig:
             projector=ProjectorConfig(**d["projector"]),
             lm=LMConfig(**d["lm"]),
             image_token_id=d["image_token_id"],
+            image_placement=d.get("image_placement", "first"),  # folders from before it was recorded: first
         )
 
 

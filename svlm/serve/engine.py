@@ -94,7 +94,7 @@ class Engine:
         self.model, self.tokenizer, self.device, self.hardware, self.limits = model, tokenizer, device, hardware, limits
         self.folder, self.meta = folder, meta or {}
         self.image_root = Path(limits.image_root).resolve() if limits.image_root else None
-        self.encoder = ChatEncoder(tokenizer, model.num_image_tokens)
+        self.encoder = ChatEncoder.for_model(tokenizer, model)
         self.processor = ImageProcessor(model.cfg.vision)
         self.stats: Counter[str] = Counter()  # finished jobs by finish reason, and "failed"
         self.last: Result | None = None  # the most recent finished generation

@@ -7,6 +7,11 @@ returns as OpenAI's error JSON with a 4xx status.
                                  {"type": "text", "text": "What colour is the shape?"}]}
     -> ("user", "<image>\\nWhat colour is the shape?") and one image
 
+Image parts become `<image>` tags where the request puts them; the chat
+encoder then places them as the model was trained to see them (its
+`image_placement`: first by default, so a text-first request reads as
+`<image>\\n{text}` too).
+
 Images come as data URLs, or as local paths / file:// URLs inside
 `serve.image_root` only (symlinks and `..` resolved first). Remote URLs are
 never fetched.

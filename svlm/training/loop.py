@@ -273,7 +273,11 @@ def build_model(cfg: TrainConfig, tokenizer) -> VLM:
     vision = sync_with_checkpoint(dataclasses.replace(cfg.model.vision))
     lm = dataclasses.replace(cfg.model.lm, vocab_size=len(tokenizer))
     vlm_cfg = VLMConfig(
-        vision=vision, projector=cfg.model.projector, lm=lm, image_token_id=tokenizer.convert_tokens_to_ids("<image>")
+        vision=vision,
+        projector=cfg.model.projector,
+        lm=lm,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_placement=cfg.model.image_placement,
     )
     return VLM(vlm_cfg)
 
@@ -315,7 +319,7 @@ def run_stage(
         if stage.train_vision:
             model.vision.dinov2.gradient_checkpointing_enable()
 
-    encoder = ChatEncoder(tokenizer, model.num_image_tokens)
+    encoder = ChatEncoder.for_model(tokenizer, model)
     processor = ImageProcessor(model.cfg.vision)
     collate = Collator(encoder.pad_id)
     bad = BadSamples()

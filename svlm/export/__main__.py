@@ -1,0 +1,5 @@
+import sys
+
+from svlm.export import main
+
+sys.exit(main())

@@ -1,0 +1,194 @@
+"""What every transformers format of an export shares: the language model as a
+Llama, the processor (tokenizer, chat template, image processor), the
+generation settings, and writing the folder atomically.
+
+Our decoder is a Llama in all but names: RMSNorm, SwiGLU, GQA, tied or untied
+head, and RoPE that rotates (first half, second half) pairs, which is
+transformers' `rotate_half` convention, so q_proj and k_proj need no
+permutation (that permutation is for Meta's interleaved checkpoints).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+from svlm.checkpoint import replace_folder
+from svlm.data.chat import END_TOKEN, IMAGE_TOKEN, PAD_TOKEN, chat_template
+from svlm.errors import ConfigError
+from svlm.models.language_model import LMConfig
+from svlm.models.vision import VisionConfig
+from svlm.models.vlm import VLM
+
+# Our block's parts -> Llama's (lm.layers.<i>.<part>.<rest>).
+_LM_PARTS = {"attn_norm": "input_layernorm", "attn": "self_attn", "mlp_norm": "post_attention_layernorm", "mlp": "mlp"}
+
+
+def lm_problems(lm: LMConfig) -> list[str]:
+    """What a Llama cannot express of our language model, with the config keys."""
+    problems = []
+    if lm.d_in is not None:
+        problems.append(
+            f"the wide text embedding with its low-rank reducer (model.lm.d_in={lm.d_in}, "
+            f"model.lm.rank={lm.rank}): Llama embeds at its width; use model.lm.d_in=null model.lm.rank=null"
+        )
+    if lm.norm != "rmsnorm":
+        problems.append(f"{lm.norm} in the language model (model.lm.norm={lm.norm}): Llama uses RMSNorm")
+    if lm.pos != "rope":
+        problems.append(f"{lm.pos} positions (model.lm.pos={lm.pos}): Llama uses RoPE")
+    if lm.mlp == "moe":
+        problems.append("the mixture of experts (model.lm.mlp=moe): Llama's feed-forward is one SwiGLU")
+    elif lm.mlp != "swiglu":
+        problems.append(f"the {lm.mlp} feed-forward (model.lm.mlp={lm.mlp}): Llama's is SwiGLU")
+    return problems
+
+
+def lm_name(rest: str) -> str:
+    """Our `lm.<rest>` parameter -> its name in a transformers VLM with a Llama inside."""
+    if rest == "lm_head.weight":
+        return rest
+    parts = rest.split(".")
+    if parts[0] == "layers":  # layers.<i>.<part>.<rest>
+        parts[2] = _LM_PARTS[parts[2]]
+    return "model.language_model." + ".".join(parts)
+
+
+def llama_config(model: VLM, tokenizer):
+    from transformers import LlamaConfig
+
+    lm = model.cfg.lm
+    return LlamaConfig(
+        vocab_size=lm.vocab_size,
+        hidden_size=lm.d_model,
+        intermediate_size=lm.d_ff,
+        num_hidden_layers=lm.n_layers,
+        num_attention_heads=lm.n_heads,
+        num_key_value_heads=lm.n_kv_heads,
+        head_dim=lm.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=lm.max_seq_len,
+        rms_norm_eps=lm.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": lm.rope_theta},
+        attention_bias=lm.bias,
+        mlp_bias=lm.bias,
+        tie_word_embeddings=lm.tie_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids(END_TOKEN),
+        pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+    )
+
+
+def lm_config_from(tc, tie_embeddings: bool, what: str) -> LMConfig:
+    """Our LMConfig for the Llama `text_config` of an exported folder."""
+    problems = []
+    if tc.model_type != "llama":
+        problems.append(f"a {tc.model_type} language model: only Llama is expressible here")
+    elif tc.hidden_act != "silu" or tc.attention_bias != tc.mlp_bias:
+        problems.append("a Llama whose activation is not SiLU or whose attention and MLP biases differ")
+    rope = getattr(tc, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        problems.append(f"RoPE scaling ({rope.get('rope_type')})")
+    if problems:
+        raise ConfigError(f"cannot import this {what} folder: " + "; ".join(problems))
+    lm = LMConfig(
+        vocab_size=tc.vocab_size,
+        d_model=tc.hidden_size,
+        n_layers=tc.num_hidden_layers,
+        n_heads=tc.num_attention_heads,
+        n_kv_heads=tc.num_key_value_heads,
+        d_ff=tc.intermediate_size,
+        max_seq_len=tc.max_position_embeddings,
+        norm_eps=tc.rms_norm_eps,
+        rope_theta=float(rope.get("rope_theta", 10000.0)),
+        bias=tc.attention_bias,
+        tie_embeddings=tie_embeddings,
+    )
+    if lm.head_dim != (tc.head_dim or tc.hidden_size // tc.num_attention_heads):
+        raise ConfigError(f"cannot import this {what} folder: its head size is not hidden_size / heads")
+    return lm
+
+
+def generation_config(text_config):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=text_config.bos_token_id,
+        eos_token_id=text_config.eos_token_id,
+        pad_token_id=text_config.pad_token_id,
+        do_sample=False,
+    )
+
+
+def image_processor(vision: VisionConfig):
+    """A transformers image processor doing what svlm.models.vision.ImageProcessor does."""
+    from transformers import BitImageProcessorPil  # DINOv2's own processor class
+
+    return BitImageProcessorPil(
+        do_convert_rgb=True,
+        do_resize=True,
+        size={"height": vision.image_size, "width": vision.image_size},
+        resample=3,  # PIL bicubic
+        do_center_crop=False,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(vision.image_mean),
+        image_std=list(vision.image_std),
+    )
+
+
+def processor(model: VLM, tokenizer, token_patch: int, strategy: str):
+    """LLaVA's processor: one <image> becomes (image_size / token_patch)^2 image
+    tokens (+1 with strategy "full"), with no markers around them; the chat
+    template is the model folder's own (svlm.data.chat.chat_template)."""
+    from transformers import LlavaProcessor
+
+    template = chat_template(model.cfg.image_placement)
+    tokenizer = copy.deepcopy(tokenizer)  # the caller's keeps its own
+    tokenizer.chat_template = template
+    return LlavaProcessor(
+        image_processor=image_processor(model.cfg.vision),
+        tokenizer=tokenizer,
+        patch_size=token_patch,
+        vision_feature_select_strategy=strategy,
+        chat_template=template,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,  # DINOv2's CLS token
+    )
+
+
+def vision_from_processor(ip, what: str, **fields) -> VisionConfig:
+    """Our VisionConfig from an exported image processor and the tower's `fields`."""
+    square = ip.do_resize and ip.size.get("height") is not None and ip.size.get("height") == ip.size.get("width")
+    if not square or ip.do_center_crop or getattr(ip, "do_pad", False) or ip.resample != 3:
+        raise ConfigError(
+            f"cannot import this {what} folder: its image processor does more than a bicubic resize to a square"
+        )
+    return VisionConfig(
+        path=None,
+        image_size=ip.size["height"],
+        image_mean=[float(x) for x in ip.image_mean],
+        image_std=[float(x) for x in ip.image_std],
+        **fields,
+    )
+
+
+EXPORT_TYPES = ("llava", "internvl")
+
+
+def write_atomically(folder: Path, write) -> Path:
+    """Write into a temporary sibling, then move it into place; replaces an
+    earlier export, never a folder holding anything else."""
+    if folder.exists() and any(folder.iterdir()):
+        config = folder / "config.json"
+        earlier = config.is_file() and json.loads(config.read_text()).get("model_type") in EXPORT_TYPES
+        if not earlier:
+            raise ConfigError(f"out={str(folder)!r} exists and is not an earlier export: choose another folder")
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    return replace_folder(tmp, folder)
