@@ -188,6 +188,8 @@ def test_training_with_the_cache(tmp_path, cache_dir, shapes_root, capsys, monke
     with_cache = _losses(run("cached", *frozen, "data.feature_cache=true"))
     out = capsys.readouterr().out
     assert "training feature cache:" in out and "validation feature cache:" in out
+    # 3 steps of 8 (and one batch to spare) read 32 of the 60 training pictures: only those are encoded
+    assert "32 of 32 images cached (the ones this run reads, of 64 samples), 32 computed now" in out, out
     assert len(plain) == len(with_cache) == 3
     np.testing.assert_allclose(with_cache, plain, rtol=2e-3)
     # validation reads the cache too, and scores the same
@@ -195,11 +197,16 @@ def test_training_with_the_cache(tmp_path, cache_dir, shapes_root, capsys, monke
     assert len(plain_val) == len(cached_val) == 1
     np.testing.assert_allclose(cached_val, plain_val, rtol=2e-3)
 
-    # Later runs and stages (the same frozen encoder, from the stage-1 model) compute nothing.
+    # A run reads what it encoded before; stage 2 (the same frozen encoder, from the stage-1 model)
+    # uses the same cache, and a later run computes nothing.
     folders = [p for p in (cache_dir / "features").iterdir() if p.is_dir()]
-    stamps = {p: (p / FEATURES).stat().st_mtime_ns for p in folders}
     both = ["stage.stage1.train_vision=false", "stage.stage2.train_vision=false"]
     both += ["stage.stage1.sample_grid=0", "stage.stage2.sample_grid=0"]  # the grid reads its pictures
+    run("both-first", *both, stage="both")
+    out = capsys.readouterr().out
+    assert out.count("feature cache:") == 4 and ", 0 computed now" in out, out  # stage 1 drew the same pictures
+    assert [p for p in (cache_dir / "features").iterdir() if p.is_dir()] == folders  # one key for both stages
+    stamps = {p: (p / FEATURES).stat().st_mtime_ns for p in folders}
     encoder_calls = []
     real_forward = VisionEncoder.forward
 
@@ -225,3 +232,79 @@ def test_feature_cache_setting(make_train_cfg):
     with pytest.raises(ConfigError, match=r"data\.feature_cache"):
         make_train_cfg("data.feature_cache=sometimes")
     assert make_train_cfg().data.feature_cache == "auto"
+
+
+@pytest.mark.parametrize(
+    "sizes, lengths, resume",
+    [(None, None, None), (None, None, (1, 12)), ([20, 17], None, (0, 8)), (None, list(range(37)), None)],
+    ids=["shuffled", "resumed", "mixed", "by-length"],
+)
+def test_sampler_ahead_is_what_the_loader_draws(sizes, lengths, resume):
+    """The samples a run will read (what the feature cache encodes) are the ones
+    its loader draws: over epochs, after a resume, mixed sources, by length."""
+    from torch.utils.data import DataLoader
+
+    from svlm.training.loop import EpochSampler
+
+    weights = [1.0, 2.0] if sizes else None
+    sampler = EpochSampler(37, seed=3, sizes=sizes, weights=weights, lengths=lengths, group=8, window=2)
+    epoch = 0
+    if resume:
+        sampler.start_at(*resume)
+        epoch = resume[0]
+    for draws in (5, 36, 37, 80, 300):
+        expected = sampler.ahead(epoch, draws, micro=4, drop_last=True)
+        loader = DataLoader(range(37), batch_size=4, sampler=sampler, drop_last=True)
+        drawn, e = [], epoch
+        saved = sampler.resume
+        while len(drawn) < draws:
+            loader.sampler.set_epoch(e)
+            drawn += [i for batch in loader for i in batch.tolist()]
+            e += 1
+        sampler.resume = saved  # iterating used it up; the next draw count starts from the same point
+        assert expected == set(drawn[:draws]), draws
+    assert sampler.ahead(epoch, 10**6, micro=4, drop_last=True) == set(range(37))  # everything, eventually
+
+
+def test_a_stop_ends_the_fill_at_once(tmp_path, cache_dir, shapes_root, capsys, monkeypatch):
+    """SIGTERM during the fill: it stops after the batch being encoded, keeps what
+    was encoded, and the run ends before its first step; run again, it encodes the rest."""
+    import os
+    import signal
+
+    from svlm.data import feature_cache
+    from svlm.training.loop import TrainingStopped
+
+    features = tmp_path / "cache"  # a cache of its own: the encoded rows are counted
+    shutil.copytree(cache_dir / "data", features / "data")
+    overrides = [*tiny_train_overrides("stage1", steps=6), *path_overrides(tmp_path, features, tmp_path / "run"),
+                 "stage.train_vision=false", "data.feature_cache=true"]  # fmt: skip
+    real_encode, calls = feature_cache.encode, []
+
+    def encode_then_stop(vision, pixels):
+        calls.append(len(pixels))
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # as `kill <pid>` would, while the first batch is encoded
+        return real_encode(vision, pixels)
+
+    monkeypatch.setattr(feature_cache, "encode", encode_then_stop)
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM during the feature cache fill") as stopped:
+        train(load_train_config(compose("train", overrides)))
+    assert stopped.value.exit_code == 0
+    out = capsys.readouterr().out
+    assert "feature cache: encoding 56 images at" in out and "about" in out  # the estimate, after the first batch
+    assert "feature cache: stopped after 32 of 56 images (kept)" in out
+    assert calls == [32]  # one batch, then the stop
+    (folder,) = [p for p in (features / "features").iterdir() if p.is_dir()]
+    assert json.loads((folder / INDEX).read_text())["rows"] == 32
+    assert not (tmp_path / "run" / "stage1" / "metrics.jsonl").exists() or "train/loss" not in (
+        tmp_path / "run" / "stage1" / "metrics.jsonl"
+    ).read_text()  # no step was taken
+    calls.clear()
+    monkeypatch.setattr(feature_cache, "encode", lambda vision, pixels: calls.append(len(pixels)) or real_encode(
+        vision, pixels))  # fmt: skip
+    train(load_train_config(compose("train", [*overrides, f"resume={tmp_path / 'run'}"])))
+    # the rest of the (6 + 1 spare) x 8 training pictures, then the validation ones the run reads
+    # (stage.val_batches=1 batch of 8)
+    assert sum(calls) == 56 - 32 + 8
+    assert json.loads((folder / INDEX).read_text())["rows"] == 56 + 8

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +78,8 @@ class _Conversations(Dataset):
     def example(self, i: int) -> Example:
         raise NotImplementedError
 
-    def image_files(self) -> set[Path]:
-        """Every image file the samples refer to (what the feature cache computes)."""
+    def image_files(self, indices: Iterable[int] | None = None) -> set[Path]:
+        """The image files the samples `indices` (None: all) refer to (what the feature cache computes)."""
         raise NotImplementedError
 
     def use_features(self, view) -> None:
@@ -142,8 +143,9 @@ class ChatDataset(_Conversations):
     def example(self, i: int) -> Example:
         return self.examples[i]
 
-    def image_files(self) -> set[Path]:
-        return {e.image for e in self.examples if e.image is not None}
+    def image_files(self, indices: Iterable[int] | None = None) -> set[Path]:
+        examples = self.examples if indices is None else (self.examples[i] for i in indices)
+        return {e.image for e in examples if e.image is not None}
 
     def split(self, fraction: float, seed: int) -> tuple[ChatDataset, ChatDataset]:
         """(rest, held out): about `fraction` of the samples held out, the same ones for the same seed."""
@@ -190,10 +192,11 @@ class LazyChatDataset(_Conversations):
             self.truncated.append(example.where)
         return example
 
-    def image_files(self) -> set[Path]:
-        """Read from every line held (no tokenizing); bad lines are reported when their sample is read."""
+    def image_files(self, indices: Iterable[int] | None = None) -> set[Path]:
+        """Read from the lines (no tokenizing); bad lines are reported when their sample is read."""
+        rows = self.rows if indices is None else self.rows[np.asarray(sorted(indices), dtype=np.int64)]
         files = set()
-        for offset, lineno in self.index[self.rows]:
+        for offset, lineno in self.index[rows]:
             try:
                 record = self.reader.read(offset, lineno)
             except DataError:
@@ -223,8 +226,14 @@ class MixedDataset(ConcatDataset):
         k = int(np.searchsorted(self.cumulative_sizes, i, side="right"))
         return self.datasets[k].example(i - (self.cumulative_sizes[k - 1] if k else 0))
 
-    def image_files(self) -> set[Path]:
-        return set().union(*(d.image_files() for d in self.datasets))
+    def image_files(self, indices: Iterable[int] | None = None) -> set[Path]:
+        if indices is None:
+            return set().union(*(d.image_files() for d in self.datasets))
+        parts: list[list[int]] = [[] for _ in self.datasets]
+        for i in indices:
+            k = int(np.searchsorted(self.cumulative_sizes, i, side="right"))
+            parts[k].append(i - (self.cumulative_sizes[k - 1] if k else 0))
+        return set().union(*(d.image_files(p) for d, p in zip(self.datasets, parts) if p))
 
     def use_features(self, view) -> None:
         for d in self.datasets:

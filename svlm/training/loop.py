@@ -143,6 +143,26 @@ class EpochSampler(Sampler[int]):
     def start_at(self, epoch: int, skip: int) -> None:
         self.resume = (epoch, skip)
 
+    def ahead(self, epoch: int, draws: int, micro: int, drop_last: bool) -> set[int]:
+        """The distinct samples the next `draws` draws take, from `epoch` (and its
+        `start_at` point) on, in micro-batches of `micro` (a short last one dropped
+        with `drop_last`, as the loader does): what a run that many samples long
+        reads. The sampler itself is left as it was."""
+        saved, taken = (self.epoch, self.resume), set()
+        try:
+            self.epoch = epoch
+            while draws > 0 and len(taken) < self.n:
+                order = list(iter(self))
+                order = order[: len(order) // micro * micro] if drop_last else order
+                if not order:
+                    break
+                taken.update(order[:draws])
+                draws -= len(order[:draws])
+                self.epoch += 1
+        finally:
+            self.epoch, self.resume = saved
+        return taken
+
     def _order(self) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         if self.sizes is None:
@@ -200,7 +220,10 @@ class StopRequested:
 
     def _handle(self, signum, _frame) -> None:
         self.signal = signal.Signals(signum).name
-        print(f"\n{self.signal} received: saving a checkpoint at the end of this step (again to stop at once)")
+        print(
+            f"\n{self.signal} received: saving a checkpoint at the end of this step, or stopping the feature cache "
+            "fill at once, keeping what is encoded (again to stop at once)"
+        )
         for sig, handler in self.previous.items():  # a second signal acts as usual
             signal.signal(sig, handler)
 
@@ -325,17 +348,6 @@ def run_stage(
     bad = BadSamples()
     max_len = min(cfg.data.max_len, model.cfg.lm.max_seq_len)
     train_ds, val_ds = load_splits(cfg.data, root, stage.task, encoder, processor, max_len, bad, cfg.seed)
-    if cache_applies(cfg.data.feature_cache, stage.train_vision, stage.name):
-        # A frozen encoder: its outputs are computed once (on the main process), then read from
-        # disk, for training and validation alike (the sample grid still reads its few pictures).
-        model.vision.to(accelerator.device)
-        for part, ds in (("training", train_ds), ("validation", val_ds)):
-            if ds is not None:
-                attach_features(
-                    ds, model.vision, processor, Path(cfg.paths.cache) / "features",
-                    is_main=accelerator.is_local_main_process, wait=accelerator.wait_for_everyone,
-                    log=lambda m, part=part: accelerator.print(f"[{stage.name}] {part} {m}"),
-                )  # fmt: skip
     parts = train_ds.datasets if isinstance(train_ds, MixedDataset) else [train_ds]
     lazy_parts = [d for d in parts if isinstance(d, LazyChatDataset)]
     if not lazy_parts:  # every record was read: judge the data now
@@ -376,6 +388,30 @@ def run_stage(
     if val_ds is not None:
         val_part = shard(val_ds, accelerator.process_index, world)
         val_loader = DataLoader(val_part, batch_size=micro, collate_fn=collate, num_workers=cfg.hardware.num_workers)
+    state = load_trainer_state(resume) if resume is not None else None
+    if cache_applies(cfg.data.feature_cache, stage.train_vision, stage.name):
+        # A frozen encoder: the features of the images this run reads are computed once (on the
+        # main process), then read from disk, for training and validation (the sample grid reads pixels).
+        at = state["position"] if state else {"step": 0, "epoch": 0, "samples_in_epoch": 0}
+        sampler.start_at(at["epoch"], at["samples_in_epoch"])
+        draws = (total - at["step"] + 1) * stage.batch_size  # one batch to spare
+        plan = [("training", train_ds, sampler.ahead(at["epoch"], draws, micro, loader.drop_last))]
+        if val_ds is not None:  # validate() reads the first val_batches micro-batches of each shard
+            plan.append(("validation", val_ds, range(min(len(val_ds), stage.val_batches * micro * world))))
+        model.vision.to(accelerator.device)
+        for part, ds, indices in plan:
+            attach_features(
+                ds, model.vision, processor, Path(cfg.paths.cache) / "features", indices,
+                is_main=accelerator.is_local_main_process, wait=accelerator.wait_for_everyone,
+                log=lambda m, part=part: accelerator.print(f"[{stage.name}] {part} {m}"),
+                stop=lambda: stop.signal is not None,
+            )  # fmt: skip
+        if stop.signal is not None:  # before any step: nothing to save, the features encoded stay cached
+            raise TrainingStopped(
+                f"[{stage.name}] stopped by {stop.signal} during the feature cache fill (what was encoded is "
+                f"kept)\nresume with: python train.py resume={cfg.paths.run_dir}",
+                exit_code=0,
+            )
     kind, estimate = choose_optimizer(cfg, stage, micro_batch=micro, vocab=len(tokenizer))
     accelerator.print(estimate.table())
     budget = cfg.hardware.memory_budget_gb
@@ -410,8 +446,7 @@ def run_stage(
 
     # Where the loop stands; all of it goes into a checkpoint's trainer state.
     pos = {"step": 0, "epoch": 0, "batch": 0, "seen": 0, "window_loss": 0.0, "window_n": 0, "bad_in_a_row": 0}
-    if resume is not None:
-        state = load_trainer_state(resume)
+    if state is not None:
         if state["optimizer"] is None:  # sharded: each process's part, saved by accelerate
             accelerator.load_state(str(resume / ENGINE_STATE))
         else:
