@@ -6,11 +6,12 @@ every time it sees it, and nothing in SVLM augments images, so running it at
 every step repeats work. With the cache a stage starts by computing the
 features of the images its steps will read and the cache lacks (batched,
 under no_grad, with a progress bar and an estimate of the time it takes): a
-3-step run on 4,000 pictures encodes the 24 or so it draws, not all 4,000. The
-training data set then yields `vision_features` (P, Dv) instead of
-`pixel_values`, and the model goes straight to the projector. A stop request
-(Ctrl-C, SIGTERM) ends the fill at once; what was encoded stays cached. The
-sample grid, evaluation and inference still read pixels.
+3-step run of batch 8 on 4,000 pictures encodes the 32 it draws (one batch to
+spare), not all 4,000. The training data set then yields `vision_features`
+(P, Dv) instead of `pixel_values`, and the model goes straight to the
+projector. A stop request (Ctrl-C, SIGTERM) ends the fill after the batch
+being encoded; what was encoded stays cached. The sample grid, evaluation and
+inference still read pixels.
 
     <paths.cache>/features/
         image_hashes.json       image file -> content hash, reused while the file's stat is unchanged
