@@ -25,6 +25,17 @@ from svlm.models.vlm import VLM
 
 # Our block's parts -> Llama's (lm.layers.<i>.<part>.<rest>).
 _LM_PARTS = {"attn_norm": "input_layernorm", "attn": "self_attn", "mlp_norm": "post_attention_layernorm", "mlp": "mlp"}
+# LMConfig fields -> LlamaConfig's, both ways.
+_LLAMA_FIELDS = {
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "d_ff": "intermediate_size",
+    "max_seq_len": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+}
 
 
 def lm_problems(lm: LMConfig) -> list[str]:
@@ -61,16 +72,9 @@ def llama_config(model: VLM, tokenizer):
 
     lm = model.cfg.lm
     return LlamaConfig(
-        vocab_size=lm.vocab_size,
-        hidden_size=lm.d_model,
-        intermediate_size=lm.d_ff,
-        num_hidden_layers=lm.n_layers,
-        num_attention_heads=lm.n_heads,
-        num_key_value_heads=lm.n_kv_heads,
+        **{theirs: getattr(lm, ours) for ours, theirs in _LLAMA_FIELDS.items()},
         head_dim=lm.head_dim,
         hidden_act="silu",
-        max_position_embeddings=lm.max_seq_len,
-        rms_norm_eps=lm.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": lm.rope_theta},
         attention_bias=lm.bias,
         mlp_bias=lm.bias,
@@ -94,14 +98,7 @@ def lm_config_from(tc, tie_embeddings: bool, what: str) -> LMConfig:
     if problems:
         raise ConfigError(f"cannot import this {what} folder: " + "; ".join(problems))
     lm = LMConfig(
-        vocab_size=tc.vocab_size,
-        d_model=tc.hidden_size,
-        n_layers=tc.num_hidden_layers,
-        n_heads=tc.num_attention_heads,
-        n_kv_heads=tc.num_key_value_heads,
-        d_ff=tc.intermediate_size,
-        max_seq_len=tc.max_position_embeddings,
-        norm_eps=tc.rms_norm_eps,
+        **{ours: getattr(tc, theirs) for ours, theirs in _LLAMA_FIELDS.items()},
         rope_theta=float(rope.get("rope_theta", 10000.0)),
         bias=tc.attention_bias,
         tie_embeddings=tie_embeddings,
