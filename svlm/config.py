@@ -27,10 +27,13 @@ from svlm.tokenizer import TokenizerConfig
 
 @dataclass
 class ModelConfig:
+    """Defaults: model=tiny (conf/model/tiny.yaml); the parts' own dataclasses
+    keep the defaults model code is built with."""
+
     name: str = "tiny"
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    lm: LMConfig = field(default_factory=LMConfig)  # lm.vocab_size is taken from the tokenizer
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(patch_size=4))
+    projector: ProjectorConfig = field(default_factory=lambda: ProjectorConfig(compress="pixel_shuffle", factor=4))
+    lm: LMConfig = field(default_factory=lambda: LMConfig(max_seq_len=512))  # vocab_size: from the tokenizer
     # Where a user turn's images go (svlm/data/chat.py): first (before the text, whatever
     # order data or requests give) or inline (as given). Recorded with the model.
     image_placement: ImagePlacement = "first"
@@ -77,7 +80,7 @@ class DataConfig:
     max_len: int = 512  # tokens, image placeholders included (the original's --fixed_len)
     shuffle: bool = True  # a new order every epoch; false: file order
     group_by_length: bool = True  # batch samples of similar length together (less padding)
-    group_window: int = 64  # batches whose samples are sorted by length together (more: less padding, less random)
+    group_window: int = 1  # batches whose samples are sorted by length together (more: less padding, less random)
     on_error: Literal["skip", "raise"] = "skip"  # a bad sample: reported and skipped, or fatal
     max_bad_fraction: float = 0.01  # stop when more than this share of the samples is bad
     # Encoder outputs computed once and stored under paths.cache/features (svlm/data/feature_cache.py):
@@ -112,10 +115,10 @@ class StageConfig:
     name: str = "stage1"
     task: str = "pretrain"  # fills "{task}" in data file names
     # what trains
-    train_vision: bool = False
+    train_vision: bool = True
     train_projector: bool = True
-    unfreeze_lm_top_layers: int = 0  # top N blocks of the LM train; -1: all
-    train_text_embed: bool = False  # token embeddings (and the tied lm head)
+    unfreeze_lm_top_layers: int = -1  # top N blocks of the LM train; -1: all
+    train_text_embed: bool = True  # token embeddings (and the tied lm head)
     # optimisation
     lr: float = 1e-3
     lr_vision: float | None = None  # None: same as lr
@@ -126,13 +129,13 @@ class StageConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
     batch_size: int = 32  # samples per optimizer step (all processes, all accumulation)
-    epochs: int = 1
+    epochs: int = 2
     steps_per_epoch: int = -1  # optimizer steps an epoch; -1: one pass over the data
     max_steps: int | None = None  # stop after this many optimizer steps in all
     eval_every: int = 100  # optimizer steps between validations (0: only at the end)
-    val_batches: int = 20  # at most this many batches per validation
+    val_batches: int = 10  # at most this many batches per validation
     log_every: int = 10
-    save_every: int = 0  # optimizer steps between checkpoints to resume from (0: only the final model)
+    save_every: int = 100  # optimizer steps between checkpoints to resume from (0: only the final model)
     keep_last: int = 3  # checkpoints kept (0: all)
     max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
     sample_grid: int = 8  # validation samples answered and drawn as a PNG at each validation (0: none)
@@ -188,7 +191,7 @@ class HardwareConfig:
     name: str = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 (else fp16) on GPU
-    micro_batch_size: int | None = None  # samples a forward pass; None: the stage's batch size
+    micro_batch_size: int | None = 16  # samples a forward pass; None: the stage's batch size
     grad_checkpointing: bool = False
     num_workers: int = 0
     threads: int | None = None  # torch CPU threads; None: torch's default

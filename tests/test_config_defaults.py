@@ -1,0 +1,138 @@
+"""One home for every default (conf/): the option a group selects by default
+holds every key of the group, equal to its dataclass's defaults; every other
+option file states only what it changes from its base (no key restated with
+the value the base already has); and what Hydra composes for every option of
+every group, the experiment's stages included, is its base with those changes."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import CONF, compose
+from omegaconf import OmegaConf
+
+from svlm.config import (
+    DataConfig,
+    EvalConfig,
+    HardwareConfig,
+    InferConfig,
+    LoggerConfig,
+    ModelConfig,
+    PathsConfig,
+    StageConfig,
+    TrainConfig,
+    build,
+)
+from svlm.serve.config import ServeConfig
+
+NOT_COMPOSED = ["paths.run_dir=unused"]  # Hydra's runtime folder: only a real run has one
+DEFAULTS = {  # group -> (its default option, the dataclass that holds the same defaults)
+    "model": ("tiny", ModelConfig),
+    "data": ("shapes", DataConfig),
+    "stage": ("stage1", StageConfig),
+    "hardware": ("auto", HardwareConfig),
+    "logger": ("none", LoggerConfig),
+    "paths": ("default", PathsConfig),
+}
+# Experiment stages are merged on top of the stage group's option of the same stage.
+IMPLICIT_BASE = {f"experiment/stage/svlm_{s}.yaml": f"stage/{s}.yaml" for s in ("stage1", "stage2")}
+
+
+def own(path: Path) -> dict:
+    """The keys a file states itself (its defaults list aside)."""
+    data = yaml.safe_load(path.read_text()) or {}
+    return {k: v for k, v in data.items() if k != "defaults"}
+
+
+def bases(path: Path, implicit: bool = True) -> list[Path]:
+    """The files a config file builds on: an implicit base, then its defaults list
+    (files of the same folder, merged at its own package: `name` or `name@_here_`)."""
+    data = yaml.safe_load(path.read_text()) or {}
+    entries = [e.removesuffix("@_here_") for e in data.get("defaults", []) if isinstance(e, str) and e != "_self_"]
+    found = [path.parent / f"{e}.yaml" for e in entries if "@" not in e]  # name@child: a child, not a base
+    base = IMPLICIT_BASE.get(name(path)) if implicit else None
+    return ([CONF / base] if base else []) + found
+
+
+def base_values(path: Path, implicit: bool = True) -> dict:
+    """What a file's bases give before its own keys are merged on top."""
+    merged = OmegaConf.create({})
+    for i, base in enumerate(bases(path, implicit)):
+        first_is_implicit = implicit and i == 0 and name(path) in IMPLICIT_BASE
+        merged = OmegaConf.merge(merged, effective(base, implicit=first_is_implicit))
+    return OmegaConf.to_container(merged)
+
+
+def effective(path: Path, implicit: bool = True) -> dict:
+    """A file's keys after its bases (what Hydra gives it, as this test reads the files)."""
+    return OmegaConf.to_container(OmegaConf.merge(base_values(path, implicit), own(path)))
+
+
+def option_files() -> list[Path]:
+    files = [p for group in DEFAULTS for p in sorted((CONF / group).glob("*.yaml"))]
+    return files + sorted((CONF / "experiment" / "stage").glob("svlm_stage*.yaml"))
+
+
+def name(path: Path) -> str:
+    return str(path.relative_to(CONF))
+
+
+def plain(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+@pytest.mark.parametrize("group", DEFAULTS)
+def test_default_options_are_the_dataclass_defaults(group, monkeypatch):
+    monkeypatch.delenv("SVLM_CACHE", raising=False)
+    option, cls = DEFAULTS[group]
+    composed = compose("train", [f"{group}={option}", "stage=stage1", *NOT_COMPOSED])
+    values = OmegaConf.to_container(composed[group], resolve=True)
+    expected = plain(cls())
+    if group == "paths":
+        expected["run_dir"] = "unused"
+    assert plain(build(cls, values, group)) == expected
+    if group != "paths":
+        assert set(values) == set(expected) - {"vocab_size"}, "the default option holds every key of the group"
+
+
+def test_the_commands_defaults_are_the_dataclass_defaults(monkeypatch):
+    monkeypatch.delenv("SVLM_CACHE", raising=False)
+    for command, cls in (("train", TrainConfig), ("eval", EvalConfig), ("infer", InferConfig), ("serve", ServeConfig)):
+        values = OmegaConf.to_container(compose(command, NOT_COMPOSED), resolve=True)
+        built = plain(build(cls, values))
+        expected = plain(cls(paths=PathsConfig(run_dir="unused")))
+        if command == "train":  # stage=both is the train default; the dataclass's default is both too
+            built.pop("tokenizer")["vocab_size"], expected.pop("tokenizer")["vocab_size"]
+        assert built == expected, command
+        assert "paths" not in own(CONF / f"{command}.yaml")  # conf/paths/default.yaml, for every command
+        assert "run" not in own(CONF / f"{command}.yaml").get("hydra", {})  # conf/hydra/default.yaml
+
+
+@pytest.mark.parametrize("path", option_files(), ids=name)
+def test_options_state_only_what_they_change(path):
+    if not bases(path):
+        return  # a default option, or a model (each states its whole architecture)
+    base = base_values(path)
+    restated = [k for k, v in own(path).items() if k in base and base[k] == v]
+    assert not restated, f"{name(path)} restates {restated} with the values its base already has"
+    assert set(own(path)) <= set(base), f"{name(path)} adds keys its base does not have"
+
+
+@pytest.mark.parametrize("path", [p for p in option_files() if name(p) != "stage/both.yaml"], ids=name)
+def test_each_option_composes_to_its_base_with_its_changes(path):
+    group = path.parent.name
+    if group == "stage" and path.parent.parent.name == "experiment":
+        stage = path.stem.removeprefix("svlm_")
+        composed = compose("train", [f"stage={stage}", "experiment=svlm"]).stage
+    else:
+        composed = compose("train", [f"{group}={path.stem}"])[group]
+    assert OmegaConf.to_container(composed) == effective(path)
+
+
+def test_both_stages_compose_from_their_files():
+    for experiment, files in (([], ("stage/stage1", "stage/stage2")),
+                              (["experiment=svlm"], ("experiment/stage/svlm_stage1", "experiment/stage/svlm_stage2"))):  # fmt: skip
+        stage = OmegaConf.to_container(compose("train", ["stage=both", *experiment, *NOT_COMPOSED]).stage)
+        for key, file in zip(("stage1", "stage2"), files):
+            assert stage[key] == effective(CONF / f"{file}.yaml"), (experiment, key)
