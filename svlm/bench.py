@@ -365,7 +365,8 @@ def build_bench_model(cfg, bench: BenchConfig) -> tuple[VLM, int]:
 
 
 def run(cfg, bench: BenchConfig) -> dict:
-    from svlm.memory import choose_optimizer, resolve_precision
+    from svlm.hardware import resolve_precision
+    from svlm.memory import choose_optimizer
     from svlm.training.optim import make_optimizer, set_trainable
 
     hw = cfg.hardware

@@ -21,7 +21,8 @@ from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.dataset import ChatDataset, Collator
 from svlm.data.formats import BadSamples, DataError
 from svlm.data.source import data_root, image_dir, load_splits, split_file
-from svlm.generation import autocast_for, generate, pick_device
+from svlm.generation import generate
+from svlm.hardware import autocast_for, pick_device
 from svlm.models.vision import ImageProcessor
 from svlm.models.vlm import VLM
 

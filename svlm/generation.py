@@ -93,24 +93,3 @@ class TextStreamer:
         if text.startswith(self.printed):
             self.write(text[len(self.printed) :])
             self.printed = text
-
-
-def pick_device(hw) -> torch.device:
-    """The device a HardwareConfig asks for: cuda when there and allowed, else the CPU."""
-    if hw.threads:
-        torch.set_num_threads(hw.threads)
-    if hw.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("hardware.device=cuda but no CUDA GPU is available (use hardware=cpu or hardware=auto)")
-    return torch.device("cuda" if torch.cuda.is_available() and hw.device != "cpu" else "cpu")
-
-
-def autocast_for(hw, device: torch.device):
-    """A context manager for the precision a HardwareConfig asks for (bf16/fp16 autocast on a GPU)."""
-    from contextlib import nullcontext
-
-    precision = hw.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32" or device.type != "cuda":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

@@ -12,7 +12,8 @@ from svlm.checkpoint import load_model, resolve_model
 from svlm.config import InferConfig
 from svlm.data.chat import ChatEncoder
 from svlm.data.images import open_image
-from svlm.generation import TextStreamer, autocast_for, generate, pick_device
+from svlm.generation import TextStreamer, generate
+from svlm.hardware import autocast_for, pick_device
 from svlm.models.vision import ImageProcessor
 
 

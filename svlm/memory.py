@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 from transformers import Dinov2Config
 
-from svlm.config import HardwareConfig, StageConfig, TrainConfig
+from svlm.config import StageConfig, TrainConfig
+from svlm.hardware import planned_device, resolve_precision
 from svlm.models.language_model import LMConfig
 from svlm.models.vision import dinov2_config_of
 from svlm.models.vlm import VLM, VLMConfig
@@ -102,22 +103,6 @@ class MemoryEstimate:
         if self.cpu_states:
             lines.append(f"  {'CPU memory':<17} {self.cpu_states / GIB:7.2f} GiB (fp32 masters and AdamW moments)")
         return "\n".join(lines)
-
-
-def resolve_precision(hw: HardwareConfig, device: str) -> str:
-    """hardware.precision with `auto` settled: bf16 on a GPU (fp16 where it has no bf16), fp32 on the CPU."""
-    if hw.precision != "auto":
-        return hw.precision
-    if device == "cuda":
-        return "bf16" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def planned_device(hw: HardwareConfig) -> str:
-    """The device a run would train on: hardware.device, auto meaning a GPU when there is one."""
-    if hw.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return hw.device
 
 
 def dinov2_config(cfg: TrainConfig) -> Dinov2Config:

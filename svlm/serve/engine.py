@@ -26,7 +26,8 @@ import torch
 
 from svlm.config import HardwareConfig
 from svlm.data.chat import ChatEncoder
-from svlm.generation import TextStreamer, autocast_for, generate
+from svlm.generation import TextStreamer, generate
+from svlm.hardware import autocast_for
 from svlm.models.vision import ImageProcessor
 from svlm.models.vlm import VLM
 from svlm.serve.config import LimitsConfig

@@ -26,19 +26,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (
-    DeepSpeedPlugin,
-    DistributedDataParallelKwargs,
-    DistributedType,
-    FullyShardedDataParallelPlugin,
-    set_seed,
-)
+from accelerate.utils import DistributedType, set_seed
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from svlm.checkpoint import is_model_folder, load_model, model_key, resolve_model, save_model
-from svlm.config import ConfigError, HardwareConfig, StageConfig, TrainConfig, build
+from svlm.config import ConfigError, StageConfig, TrainConfig, build
 from svlm.data.chat import ChatEncoder
 from svlm.data.dataset import ChatDataset, Collator, LazyChatDataset, MixedDataset
 from svlm.data.feature_cache import attach as attach_features
@@ -46,7 +40,8 @@ from svlm.data.feature_cache import cache_applies
 from svlm.data.formats import BadSamples, DataError
 from svlm.data.source import data_root, load_splits, train_files
 from svlm.evaluation import shard, validate
-from svlm.memory import CONTEXT_GIB, choose_optimizer, resolve_precision
+from svlm.hardware import make_accelerator, to_device
+from svlm.memory import CONTEXT_GIB, choose_optimizer
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.report import draw_curves
@@ -63,56 +58,6 @@ from svlm.training.state import (
     rng_state,
     set_rng_state,
 )
-
-# ------------------------------------------------------------------- hardware
-
-
-def accelerator_kwargs(hw: HardwareConfig, find_unused_parameters: bool = False) -> dict:
-    """What `Accelerator(...)` gets for a hardware config: device, precision, and
-    the engine (DDP, FSDP or DeepSpeed) used when launched with several processes.
-    find_unused_parameters: for DDP when some parameters may get no gradient in a
-    step (mixture-of-experts experts no token was routed to)."""
-    cuda = torch.cuda.is_available() and hw.device != "cpu"
-    if hw.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("hardware.device=cuda but no CUDA GPU is available (use hardware=cpu or hardware=auto)")
-    precision = resolve_precision(hw, "cuda" if cuda else "cpu")
-    kwargs: dict = {
-        "cpu": not cuda,
-        "mixed_precision": {"fp32": "no"}.get(precision, precision),
-        "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
-    }
-    if hw.distributed == "fsdp":
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            fsdp_version=2,
-            reshard_after_forward=True,  # full sharding: parameters, gradients and optimizer states
-            auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap=FSDP_WRAP,  # one unit per LM block and per DINOv2 layer
-            state_dict_type="FULL_STATE_DICT",
-            cpu_ram_efficient_loading=False,
-        )
-    elif hw.distributed == "deepspeed":
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
-            zero_stage=hw.zero_stage,
-            offload_optimizer_device="cpu" if hw.offload else "none",
-            offload_param_device="cpu" if hw.offload and hw.zero_stage == 3 else "none",
-            zero3_save_16bit_model=False,
-        )
-    return kwargs
-
-
-FSDP_WRAP = ["Block", "Dinov2Layer"]
-
-
-def to_device(value: float, device: torch.device) -> torch.Tensor:
-    """A number as a tensor on `device`, copied without waiting for the device's queue."""
-    t = torch.tensor(value)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
-def make_accelerator(hw: HardwareConfig, find_unused_parameters: bool = False) -> Accelerator:
-    if hw.threads:
-        torch.set_num_threads(hw.threads)
-    return Accelerator(**accelerator_kwargs(hw, find_unused_parameters))
 
 
 class EpochSampler(Sampler[int]):
