@@ -307,9 +307,9 @@ def padding_share(cfg, model: VLM, batch: int, micro: int | None = None) -> floa
     in micro-batches of `micro` (each padded to its longest sample)."""
     from svlm.data.chat import ChatEncoder
     from svlm.data.dataset import ChatDataset
+    from svlm.data.sampler import EpochSampler
     from svlm.data.source import data_root, load_splits, train_files
     from svlm.tokenizer import tokenizer_for_data
-    from svlm.training.loop import EpochSampler
 
     root = data_root(cfg.data, cfg.paths.cache)
     first, stage = cfg.stages()[0], cfg.stages()[-1]  # the tokenizer is trained on the first stage's data

@@ -71,7 +71,8 @@ def compose_train(overrides: list[str]):
 
 
 def run_train(cfg: DictConfig) -> None:
-    from svlm.training.loop import TrainingStopped, train
+    from svlm.training.loop import train
+    from svlm.training.signals import TrainingStopped
 
     try:
         _guard(lambda: train(load_train_config(cfg)))

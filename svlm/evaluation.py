@@ -15,7 +15,6 @@ import torch.distributed as dist
 from accelerate import PartialState
 from torch.utils.data import DataLoader, Subset
 
-from svlm.checkpoint import load_model, resolve_model
 from svlm.config import ConfigError, DataConfig, EvalConfig, build
 from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.dataset import ChatDataset, Collator
@@ -23,6 +22,7 @@ from svlm.data.formats import BadSamples, DataError
 from svlm.data.source import data_root, image_dir, load_splits, split_file
 from svlm.generation import generate
 from svlm.hardware import autocast_for, pick_device
+from svlm.model_folder import load_model, resolve_model
 from svlm.models.vision import ImageProcessor
 from svlm.models.vlm import VLM
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from svlm.checkpoint import load_model, resolve_model
 from svlm.config import InferConfig
 from svlm.data.chat import ChatEncoder
 from svlm.data.images import open_image
 from svlm.generation import TextStreamer, generate
 from svlm.hardware import autocast_for, pick_device
+from svlm.model_folder import load_model, resolve_model
 from svlm.models.vision import ImageProcessor
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import REPO, path_overrides, tiny_train_overrides
 
-from svlm.checkpoint import load_model
-from svlm.training.state import checkpoints, load_trainer_state
+from svlm.model_folder import load_model
+from svlm.training.checkpoint import checkpoints, load_trainer_state
 
 STEPS = 6
 

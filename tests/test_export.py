@@ -13,12 +13,12 @@ from conftest import compose, path_overrides, tiny_train_overrides
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from svlm.checkpoint import load_model
 from svlm.config import load_train_config
 from svlm.data.chat import JINJA_TEMPLATE, ChatEncoder, render
 from svlm.errors import ConfigError
 from svlm.export import check_exportable, export_model, import_model, main
 from svlm.generation import generate
+from svlm.model_folder import load_model
 from svlm.models.language_model import LMConfig
 from svlm.models.projector import ProjectorConfig
 from svlm.models.vision import ImageProcessor, VisionConfig, VisionEncoder
@@ -292,7 +292,7 @@ def test_exportable_overrides_pass():
 
 
 def test_cli_refuses_and_writes_nothing(tokenizer, tmp_path, capsys):
-    from svlm.checkpoint import save_model
+    from svlm.model_folder import save_model
 
     model = _small_vlm(tokenizer, projector={"compress": "pixel_shuffle", "factor": 2, "norm": False})
     folder = save_model(tmp_path / "model", model, tokenizer, {"stage": "stage1"})
@@ -349,7 +349,7 @@ def test_model_key_unchanged_by_the_new_setting():
     """Models trained before feature_layer and image_placement existed keep their key (stage 2 still finds them)."""
     import hashlib
 
-    from svlm.checkpoint import model_key
+    from svlm.model_folder import model_key
 
     model = dataclasses.asdict(_train_config().model)
     before = {**model, "vision": {k: v for k, v in model["vision"].items() if k != "feature_layer"}}

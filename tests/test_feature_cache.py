@@ -244,7 +244,7 @@ def test_sampler_ahead_is_what_the_loader_draws(sizes, lengths, resume):
     its loader draws: over epochs, after a resume, mixed sources, by length."""
     from torch.utils.data import DataLoader
 
-    from svlm.training.loop import EpochSampler
+    from svlm.data.sampler import EpochSampler
 
     weights = [1.0, 2.0] if sizes else None
     sampler = EpochSampler(37, seed=3, sizes=sizes, weights=weights, lengths=lengths, group=8, window=2)
@@ -273,7 +273,7 @@ def test_a_stop_ends_the_fill_at_once(tmp_path, cache_dir, shapes_root, capsys, 
     import signal
 
     from svlm.data import feature_cache
-    from svlm.training.loop import TrainingStopped
+    from svlm.training.signals import TrainingStopped
 
     features = tmp_path / "cache"  # a cache of its own: the encoded rows are counted
     shutil.copytree(cache_dir / "data", features / "data")
@@ -297,9 +297,10 @@ def test_a_stop_ends_the_fill_at_once(tmp_path, cache_dir, shapes_root, capsys, 
     assert calls == [32]  # one batch, then the stop
     (folder,) = [p for p in (features / "features").iterdir() if p.is_dir()]
     assert json.loads((folder / INDEX).read_text())["rows"] == 32
-    assert not (tmp_path / "run" / "stage1" / "metrics.jsonl").exists() or "train/loss" not in (
-        tmp_path / "run" / "stage1" / "metrics.jsonl"
-    ).read_text()  # no step was taken
+    assert (
+        not (tmp_path / "run" / "stage1" / "metrics.jsonl").exists()
+        or "train/loss" not in (tmp_path / "run" / "stage1" / "metrics.jsonl").read_text()
+    )  # no step was taken
     calls.clear()
     monkeypatch.setattr(feature_cache, "encode", lambda vision, pixels: calls.append(len(pixels)) or real_encode(
         vision, pixels))  # fmt: skip

@@ -12,8 +12,9 @@ from conftest import REPO
 from svlm.data.chat import ChatEncoder
 from svlm.data.dataset import ChatDataset, LazyChatDataset, MixedDataset
 from svlm.data.formats import BadSamples, line_index
+from svlm.data.sampler import EpochSampler
 from svlm.models.vision import ImageProcessor, VisionConfig
-from svlm.training.loop import EpochSampler, train
+from svlm.training.loop import train
 
 
 @pytest.fixture

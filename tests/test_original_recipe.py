@@ -15,12 +15,12 @@ from conftest import REPO, compose, path_overrides
 from PIL import Image
 from transformers import AutoTokenizer, Dinov2Config, Dinov2Model
 
-from svlm.checkpoint import load_model
 from svlm.cli import quote_free_text
 from svlm.config import load_eval_config, load_infer_config, load_train_config
 from svlm.errors import ConfigError
 from svlm.evaluation import evaluate
 from svlm.inference import ask
+from svlm.model_folder import load_model
 from svlm.models.vision import VisionConfig, VisionEncoder
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.tokenizer import load_tokenizer

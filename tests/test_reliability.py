@@ -12,13 +12,14 @@ import pytest
 import torch
 from conftest import DATA_OVERRIDES, REPO, path_overrides, tiny_train_overrides
 
-from svlm.checkpoint import load_model, save_model
 from svlm.data.formats import DataError
 from svlm.errors import ConfigError
+from svlm.model_folder import load_model, save_model
 from svlm.models.vlm import VLM, VLMOutput
 from svlm.training import loop
-from svlm.training.loop import TrainingStopped, train
-from svlm.training.state import TRAINER_STATE, checkpoints, load_trainer_state
+from svlm.training.checkpoint import TRAINER_STATE, checkpoints, load_trainer_state
+from svlm.training.loop import train
+from svlm.training.signals import TrainingStopped
 
 
 def losses(run_dir: Path, stage: str) -> dict[int, float]:

@@ -25,8 +25,8 @@ import uvicorn
 from conftest import REPO, compose, path_overrides, tiny_train_overrides
 from PIL import Image
 
-from svlm.checkpoint import save_model
 from svlm.config import ConfigError, load_train_config
+from svlm.model_folder import save_model
 from svlm.serve import build_app, load_serve_config
 from svlm.serve.config import LimitsConfig
 from svlm.serve.engine import Result
@@ -519,7 +519,7 @@ def test_command_line(model_dir, tmp_path, cache_dir):
 def answering_model(model_dir, tmp_path_factory, tokenizer):
     """The test model with its weights moved off their initial values, so that
     its greedy answers depend on the prompt (a fresh init answers alike)."""
-    from svlm.checkpoint import load_model
+    from svlm.model_folder import load_model
 
     model, _, meta = load_model(model_dir)
     gen = torch.Generator().manual_seed(3)

@@ -14,12 +14,12 @@ import torch
 import yaml
 from conftest import DATA_OVERRIDES, REPO, compose, path_overrides, tiny_train_overrides
 
-from svlm.checkpoint import load_model, resolve_model, save_model
 from svlm.config import ConfigError, load_eval_config, load_infer_config, load_train_config
 from svlm.data.chat import ChatEncoder
 from svlm.evaluation import evaluate
 from svlm.generation import generate
 from svlm.inference import ask
+from svlm.model_folder import load_model, resolve_model, save_model
 from svlm.models.language_model import KVCache
 from svlm.models.vision import ImageProcessor
 from svlm.training.loop import build_model, train

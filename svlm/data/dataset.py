@@ -215,7 +215,7 @@ class LazyChatDataset(_Conversations):
 
 
 class MixedDataset(ConcatDataset):
-    """Several sources drawn in proportion to their weights (see EpochSampler in training/loop.py)."""
+    """Several sources drawn in proportion to their weights (see EpochSampler in data/sampler.py)."""
 
     def __init__(self, datasets: list[Dataset], weights: list[float]) -> None:
         super().__init__(datasets)

@@ -31,12 +31,12 @@ from types import ModuleType
 
 import torch
 
-from svlm.checkpoint import load_model, resolve_model, save_model
 from svlm.config import PathsConfig, build
 from svlm.data.chat import END_TOKEN, IMAGE_TOKEN, chat_template
 from svlm.errors import ConfigError
 from svlm.export import internvl, llava
 from svlm.export.parts import generation_config, lm_problems, processor, write_atomically
+from svlm.model_folder import load_model, resolve_model, save_model
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.tokenizer import load_tokenizer
 

@@ -16,9 +16,9 @@ import os
 import shutil
 from pathlib import Path
 
-from svlm.checkpoint import replace_folder
 from svlm.data.chat import END_TOKEN, IMAGE_TOKEN, PAD_TOKEN, chat_template
 from svlm.errors import ConfigError
+from svlm.model_folder import replace_folder
 from svlm.models.language_model import LMConfig
 from svlm.models.vision import VisionConfig
 from svlm.models.vlm import VLM

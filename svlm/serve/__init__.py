@@ -15,8 +15,8 @@ __all__ = ["ServeConfig", "load_serve_config", "build_app"]
 
 def build_app(cfg: ServeConfig):
     """Load the model cfg.ckpt names and return (the Starlette app, the model folder)."""
-    from svlm.checkpoint import load_model, resolve_model
     from svlm.hardware import pick_device
+    from svlm.model_folder import load_model, resolve_model
     from svlm.serve.app import create_app, default_hosts
     from svlm.serve.engine import Engine
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,211 +26,40 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from svlm.checkpoint import is_model_folder, load_model, model_key, resolve_model, save_model
-from svlm.config import ConfigError, StageConfig, TrainConfig, build
+from svlm.config import ConfigError, StageConfig, TrainConfig
 from svlm.data.chat import ChatEncoder
 from svlm.data.dataset import ChatDataset, Collator, LazyChatDataset, MixedDataset
 from svlm.data.feature_cache import attach as attach_features
 from svlm.data.feature_cache import cache_applies
 from svlm.data.formats import BadSamples, DataError
+from svlm.data.sampler import EpochSampler
 from svlm.data.source import data_root, load_splits, train_files
 from svlm.evaluation import shard, validate
 from svlm.hardware import make_accelerator, to_device
 from svlm.memory import CONTEXT_GIB, choose_optimizer
+from svlm.model_folder import is_model_folder, load_model, model_key, resolve_model
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.report import draw_curves
 from svlm.samples import sample_grid
 from svlm.tokenizer import tokenizer_for_data
-from svlm.training.optim import OffloadAdamW, lr_factor, make_optimizer, set_trainable
-from svlm.training.state import (
+from svlm.training.checkpoint import (
     ENGINE_STATE,
     TRAINER_STATE,
     checkpoints,
-    is_checkpoint,
+    load_resumed_config,
     load_trainer_state,
     prune,
     rng_state,
+    save_stage_model,
     set_rng_state,
 )
-
-
-class EpochSampler(Sampler[int]):
-    """A fresh order of the data each epoch, from (seed, epoch); file order without
-    shuffle. With `sizes` and `weights` (a MixedDataset), each source gives its
-    share of the epoch: weight / sum(weights) of all samples, repeating a small
-    source or taking part of a large one. With `lengths` and `group` (the
-    optimizer batch), samples of similar length are batched together: the
-    shuffled order is cut into windows of `window` batches, each window is
-    sorted by length and cut into batches, and the batches are shuffled; little
-    padding, still a random mix. With window=1 each optimizer batch keeps its
-    random samples, sorted so that its micro-batches have similar lengths.
-    `start_at(epoch, skip)` resumes in the middle of an epoch."""
-
-    def __init__(
-        self, n: int, seed: int, shuffle: bool = True, sizes=None, weights=None, lengths=None, group=0, window=64
-    ):
-        self.n, self.seed, self.epoch, self.shuffle = n, seed, 0, shuffle
-        self.sizes, self.weights = sizes, weights
-        self.lengths = torch.as_tensor(lengths) if lengths is not None else None
-        self.group = group
-        self.window = window  # batches sorted together: more, less padding; fewer, more random batches
-        self.resume: tuple[int, int] | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def start_at(self, epoch: int, skip: int) -> None:
-        self.resume = (epoch, skip)
-
-    def ahead(self, epoch: int, draws: int, micro: int, drop_last: bool) -> set[int]:
-        """The distinct samples the next `draws` draws take, from `epoch` (and its
-        `start_at` point) on, in micro-batches of `micro` (a short last one dropped
-        with `drop_last`, as the loader does): what a run that many samples long
-        reads. The sampler itself is left as it was."""
-        saved, taken = (self.epoch, self.resume), set()
-        try:
-            self.epoch = epoch
-            while draws > 0 and len(taken) < self.n:
-                order = list(iter(self))
-                order = order[: len(order) // micro * micro] if drop_last else order
-                if not order:
-                    break
-                taken.update(order[:draws])
-                draws -= len(order[:draws])
-                self.epoch += 1
-        finally:
-            self.epoch, self.resume = saved
-        return taken
-
-    def _order(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        if self.sizes is None:
-            return torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
-        parts, start = [], 0
-        for size, weight in zip(self.sizes, self.weights):
-            take = round(self.n * weight / sum(self.weights))
-            cycles = [torch.randperm(size, generator=g) for _ in range(-(-take // size))]
-            parts.append(torch.cat(cycles)[:take] + start)
-            start += size
-        order = torch.cat(parts)
-        return order[torch.randperm(len(order), generator=g)] if self.shuffle else order
-
-    def _grouped(self, order: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Batches of similar length, in random order (see the class docstring)."""
-        window = self.group * self.window
-        batches = []
-        for start in range(0, len(order), window):
-            chunk = order[start : start + window]
-            chunk = chunk[torch.argsort(self.lengths[chunk], descending=True, stable=True)]
-            batches += list(chunk.split(self.group))
-        full = [b for b in batches if len(b) == self.group]  # a short batch goes last
-        rest = [b for b in batches if len(b) != self.group]
-        full = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
-        return torch.cat(full + rest) if full or rest else order
-
-    def __iter__(self):
-        order = self._order()
-        if self.lengths is not None and self.group > 1 and self.shuffle:
-            order = self._grouped(order, torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 1))
-        order = order.tolist()
-        if self.resume is not None and self.resume[0] == self.epoch:
-            order = order[self.resume[1] :]
-            self.resume = None
-        return iter(order)
-
-    def __len__(self) -> int:
-        if self.sizes is None:
-            return self.n
-        return sum(round(self.n * w / sum(self.weights)) for w in self.weights)
-
-
-class StopRequested:
-    """Set by SIGINT/SIGTERM: the loop saves at the next step boundary and stops."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self.previous: dict = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers only work in the main thread
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame) -> None:
-        self.signal = signal.Signals(signum).name
-        print(
-            f"\n{self.signal} received: saving a checkpoint at the end of this step, or stopping the feature cache "
-            "fill at once, keeping what is encoded (again to stop at once)"
-        )
-        for sig, handler in self.previous.items():  # a second signal acts as usual
-            signal.signal(sig, handler)
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
-
-
-class TrainingStopped(Exception):
-    """A run stopped early (by a signal, or by too many bad steps)."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-# ---------------------------------------------------------------------- logging
-
-
-class MetricsLog:
-    """metrics.jsonl always; wandb when the logger config asks for it."""
-
-    def __init__(self, path: Path, cfg: TrainConfig, stage: str, enabled: bool) -> None:
-        self.path, self.enabled, self.wandb = path, enabled, None
-        if enabled and cfg.logger.name == "wandb":
-            import wandb
-
-            mode = cfg.logger.mode
-            if mode == "auto":  # never prompt for a login: online only with credentials
-                mode = "online" if _wandb_logged_in() else "offline"
-            self.wandb = wandb.init(
-                project=cfg.logger.project,
-                name=f"{cfg.run_name or Path(cfg.paths.run_dir).name}-{stage}",
-                dir=str(path.parent),
-                mode=mode,
-                config=dataclasses.asdict(cfg),
-                reinit="finish_previous",
-            )
-
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-
-    def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _wandb_logged_in() -> bool:
-    import netrc
-    import os
-
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
+from svlm.training.metrics import MetricsLog, truncate_metrics
+from svlm.training.optim import OffloadAdamW, lr_factor, make_optimizer, set_trainable
+from svlm.training.signals import StopRequested, TrainingStopped
 
 # ------------------------------------------------------------------------ stage
 
@@ -434,7 +261,7 @@ def run_stage(
             pos["epoch"] += 1
             pos["batch"] = 0
 
-    def weights_to_save() -> dict[str, torch.Tensor] | None:
+    def weights_tosave_stage_model() -> dict[str, torch.Tensor] | None:
         """None: the model's own weights. Sharded ones are gathered (every process
         takes part); with adamw_offload, the fp32 masters, not the bf16 working copy."""
         if sharded:
@@ -452,14 +279,14 @@ def run_stage(
             "world": world,
             "micro": micro,
         }
-        weights = weights_to_save()
+        weights = weights_tosave_stage_model()
         extra_dirs = {}
         if sharded:  # every process writes its shard of the optimizer state
             engine = stage_dir / "checkpoints" / f".engine-{step:07d}"
             accelerator.save_state(str(engine))
             extra_dirs[ENGINE_STATE] = engine
         if main:
-            _save(raw, tokenizer, folder, cfg, stage, key, step, val, finished=False,
+            save_stage_model(raw, tokenizer, folder, cfg, stage, key, step, val, finished=False,
                   extra={TRAINER_STATE: state}, extra_dirs=extra_dirs, state_dict=weights)  # fmt: skip
             prune(stage_dir, stage.keep_last)
         accelerator.wait_for_everyone()
@@ -589,7 +416,7 @@ def run_stage(
     log.close()
     accelerator.wait_for_everyone()
     out_dir = stage_dir / "model"
-    weights = weights_to_save()
+    weights = weights_tosave_stage_model()
     truncated = [w for d in parts for w in d.truncated]  # lazily read data adds to it while training
     if main:
         (stage_dir / "bad_samples.json").write_text(
@@ -605,7 +432,7 @@ def run_stage(
                 ensure_ascii=False,
             )  # fmt: skip
         )
-        _save(raw, tokenizer, out_dir, cfg, stage, key, total, val, finished=True, state_dict=weights)
+        save_stage_model(raw, tokenizer, out_dir, cfg, stage, key, total, val, finished=True, state_dict=weights)
         accelerator.print(f"[{stage.name}] done in {time.time() - t0:.0f}s; model saved to {out_dir}")
     accelerator.wait_for_everyone()
     return out_dir
@@ -623,62 +450,7 @@ def check_bad_fraction(bad: BadSamples, good: int, limit: float) -> None:
         )
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines logged after `step` (by a run killed after its last checkpoint)."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def _save(model, tokenizer, folder, cfg, stage, key, step, val, finished, extra=None, extra_dirs=None, state_dict=None):
-    meta = {
-        "stage": stage.name,
-        "model": cfg.model.name,
-        "model_key": key,
-        "step": step,
-        "data": cfg.data.name,
-        "data_config": dataclasses.asdict(cfg.data),
-        "seed": cfg.seed,
-        "finished": finished,
-        "metrics": val,
-    }
-    save_model(folder, model, tokenizer, meta, extra, extra_dirs, state_dict)
-
-
 # ------------------------------------------------------------------------ train
-
-
-def find_resume(resume: str, outputs: str) -> tuple[Path, Path | None]:
-    """resume=latest | <run folder> | <checkpoint folder> -> (run folder, a chosen checkpoint or None)."""
-    if resume == "latest":
-        found = [p for p in Path(outputs).glob("**/checkpoints/step-*") if is_checkpoint(p)]
-        if not found:
-            raise ConfigError(
-                f"resume=latest: no checkpoint under {str(outputs)!r} (checkpoints need stage.save_every)"
-            )
-        newest = max(found, key=lambda p: (p / TRAINER_STATE).stat().st_mtime)
-        return newest.parents[2], None
-    path = Path(resume)
-    if not path.exists():
-        raise ConfigError(f"resume={resume!r}: no such folder (a run folder, a checkpoint folder, or latest)")
-    if is_checkpoint(path):
-        return path.parents[2], path
-    if (path / "config.yaml").is_file():
-        return path, None
-    raise ConfigError(f"resume={resume!r} is neither a run folder (with config.yaml) nor a checkpoint")
-
-
-def load_resumed_config(cfg: TrainConfig) -> tuple[TrainConfig, Path | None]:
-    """The resumed run's own config (its hardware and logger may change), in its own folder."""
-    run_dir, chosen = find_resume(cfg.resume, cfg.paths.outputs)
-    stored = build(TrainConfig, OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")), "")
-    stored = dataclasses.replace(
-        stored, hardware=cfg.hardware, logger=cfg.logger, resume=None,
-        paths=dataclasses.replace(stored.paths, run_dir=str(run_dir)),
-    )  # fmt: skip
-    print(f"resuming {run_dir} with its own config.yaml (other overrides, but hardware and logger, are ignored)")
-    return stored, chosen
 
 
 def train(cfg: TrainConfig) -> list[Path]:

@@ -1,6 +1,6 @@
 """Checkpoints that a run resumes from exactly, and finding them.
 
-A checkpoint is a model folder (see svlm/checkpoint.py) plus `trainer_state.pt`:
+A checkpoint is a model folder (see svlm/model_folder.py) plus `trainer_state.pt`:
 optimizer, scheduler and gradient-scaler states, the RNG states, the step,
 and the position in the data. It is written under a temporary name and
 renamed, so a kill during a save leaves the previous checkpoint whole. The
@@ -12,14 +12,17 @@ state holds only tensors and plain Python values and loads with
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
-from svlm.checkpoint import MODEL_FILES
+from svlm.config import ConfigError, TrainConfig, build
+from svlm.model_folder import MODEL_FILES, save_model
 
 TRAINER_STATE = "trainer_state.pt"
 ENGINE_STATE = "engine_state"  # FSDP / DeepSpeed: each process's optimizer shard (accelerate's save_state)
@@ -78,3 +81,52 @@ def prune(stage_dir: Path, keep_last: int) -> None:
         return
     for old in checkpoints(stage_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_stage_model(
+    model, tokenizer, folder, cfg, stage, key, step, val, finished, extra=None, extra_dirs=None, state_dict=None
+):
+    meta = {
+        "stage": stage.name,
+        "model": cfg.model.name,
+        "model_key": key,
+        "step": step,
+        "data": cfg.data.name,
+        "data_config": dataclasses.asdict(cfg.data),
+        "seed": cfg.seed,
+        "finished": finished,
+        "metrics": val,
+    }
+    save_model(folder, model, tokenizer, meta, extra, extra_dirs, state_dict)
+
+
+def find_resume(resume: str, outputs: str) -> tuple[Path, Path | None]:
+    """resume=latest | <run folder> | <checkpoint folder> -> (run folder, a chosen checkpoint or None)."""
+    if resume == "latest":
+        found = [p for p in Path(outputs).glob("**/checkpoints/step-*") if is_checkpoint(p)]
+        if not found:
+            raise ConfigError(
+                f"resume=latest: no checkpoint under {str(outputs)!r} (checkpoints need stage.save_every)"
+            )
+        newest = max(found, key=lambda p: (p / TRAINER_STATE).stat().st_mtime)
+        return newest.parents[2], None
+    path = Path(resume)
+    if not path.exists():
+        raise ConfigError(f"resume={resume!r}: no such folder (a run folder, a checkpoint folder, or latest)")
+    if is_checkpoint(path):
+        return path.parents[2], path
+    if (path / "config.yaml").is_file():
+        return path, None
+    raise ConfigError(f"resume={resume!r} is neither a run folder (with config.yaml) nor a checkpoint")
+
+
+def load_resumed_config(cfg: TrainConfig) -> tuple[TrainConfig, Path | None]:
+    """The resumed run's own config (its hardware and logger may change), in its own folder."""
+    run_dir, chosen = find_resume(cfg.resume, cfg.paths.outputs)
+    stored = build(TrainConfig, OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")), "")
+    stored = dataclasses.replace(
+        stored, hardware=cfg.hardware, logger=cfg.logger, resume=None,
+        paths=dataclasses.replace(stored.paths, run_dir=str(run_dir)),
+    )  # fmt: skip
+    print(f"resuming {run_dir} with its own config.yaml (other overrides, but hardware and logger, are ignored)")
+    return stored, chosen
