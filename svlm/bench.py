@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from svlm.config import ConfigError, build
-from svlm.models.vlm import VLM, VLMConfig, target_positions
+from svlm.models.vlm import IGNORE_INDEX, VLM, VLMConfig, target_positions
 
 # The fixed comparison sizes: 224 px, patch 14 (256 patches -> 64 visual tokens
 # by a 2x2 merge), vocabulary 8192, 96 text tokens, every part trained.
@@ -186,7 +186,7 @@ def synthetic_batch(model: VLM, batch: int, text_tokens: int, device) -> dict:
     ids[ids == model.cfg.image_token_id] = 11  # no stray image slots in the text
     ids[:, :n_img] = model.cfg.image_token_id  # the picture's slots first
     labels = ids.clone()
-    labels[:, : n_img + text_tokens // 2] = -100  # half the text supervised
+    labels[:, : n_img + text_tokens // 2] = IGNORE_INDEX  # half the text supervised
     size = model.cfg.vision.image_size
     return {
         "input_ids": ids.to(device),

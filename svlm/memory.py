@@ -51,7 +51,7 @@ from svlm.config import StageConfig, TrainConfig
 from svlm.hardware import planned_device, resolve_precision
 from svlm.models.language_model import LMConfig
 from svlm.models.vision import dinov2_config_of
-from svlm.models.vlm import VLM, VLMConfig
+from svlm.models.vlm import IGNORE_INDEX, VLM, VLMConfig
 
 GIB = 2**30
 CONTEXT_GIB = 0.75  # the CUDA context and fragmentation, outside the estimate
@@ -169,7 +169,7 @@ def saved_bytes(model: VLM, batch: int, seq_len: int, precision: str, device: st
     ids = torch.full((batch, max(seq_len, n_img + 2)), 5, device=device)
     ids[:, :n_img] = model.cfg.image_token_id
     labels = ids.clone()
-    labels[:, :n_img] = -100
+    labels[:, :n_img] = IGNORE_INDEX
     size = model.cfg.vision.image_size
     pixels = torch.zeros(batch, 3, size, size, device=device)  # sizes, not values, matter
     low = {"bf16": torch.bfloat16, "fp16": torch.float16 if device == "cuda" else torch.bfloat16}.get(precision)

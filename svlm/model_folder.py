@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from safetensors.torch import save_model as save_safetensors
 from transformers import Dinov2Config
 
+from svlm.atomic import new_folder
 from svlm.data.chat import chat_template
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.tokenizer import load_tokenizer
@@ -61,40 +62,24 @@ def save_model(
     with torch.save in the same folder (the trainer state of a checkpoint);
     `extra_dirs` maps names to folders moved into it; `state_dict` holds the
     weights when the model's own are sharded over processes (FSDP, DeepSpeed)."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, obj in (extra or {}).items():
-        torch.save(obj, tmp / name)
-    for name, src in (extra_dirs or {}).items():
-        shutil.move(str(src), str(tmp / name))
-    if state_dict is None:
-        save_safetensors(model, str(tmp / "model.safetensors"))
-    else:  # one copy of tied weights, as save_safetensors would keep
-        tied = model.lm.lm_head.weight is model.lm.embed_tokens.weight
-        weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()
-                   if not (tied and k == "lm.lm_head.weight")}  # fmt: skip
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
-    model.vision.dinov2.config.to_json_file(tmp / "vision_config.json")
-    tokenizer.chat_template = chat_template(model.cfg.image_placement)
-    tokenizer.save_pretrained(tmp)
-    (tmp / META).write_text(json.dumps({**meta, "finished_at": time.time()}, indent=2))
-    return replace_folder(tmp, folder)
-
-
-def replace_folder(tmp: Path, folder: Path) -> Path:
-    """Move a finished `tmp` folder to `folder`, replacing what is there: the old
-    one is moved aside first, so one of them always exists."""
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-        folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(folder)
-    return folder
+    with new_folder(folder) as tmp:
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / name)
+        for name, src in (extra_dirs or {}).items():
+            shutil.move(str(src), str(tmp / name))
+        if state_dict is None:
+            save_safetensors(model, str(tmp / "model.safetensors"))
+        else:  # one copy of tied weights, as save_safetensors would keep
+            tied = model.lm.lm_head.weight is model.lm.embed_tokens.weight
+            weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()
+                       if not (tied and k == "lm.lm_head.weight")}  # fmt: skip
+            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
+        model.vision.dinov2.config.to_json_file(tmp / "vision_config.json")
+        tokenizer.chat_template = chat_template(model.cfg.image_placement)
+        tokenizer.save_pretrained(tmp)
+        (tmp / META).write_text(json.dumps({**meta, "finished_at": time.time()}, indent=2))
+    return Path(folder)
 
 
 MODEL_FILES = ("model.safetensors", "config.json", "vision_config.json", META)

@@ -39,6 +39,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from svlm.atomic import new_file
 from svlm.data.chat import IGNORE, USER_TOKEN, ChatEncoder
 from svlm.data.formats import DataError
 from svlm.data.images import open_image
@@ -372,9 +373,8 @@ def sample_grid(
     right = sum(s.correct for s in samples)
     image = draw_grid(samples, f"{title}: {right}/{len(samples)} right (first question of each sample, greedy)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    image.save(tmp, format="PNG", optimize=True)
-    tmp.replace(out)
+    with new_file(out) as tmp:
+        image.save(tmp, format="PNG", optimize=True)
     if wandb_run is not None:
         import wandb
 

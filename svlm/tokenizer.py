@@ -18,6 +18,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from svlm.atomic import new_folder
 from svlm.data.chat import IMAGE_TOKEN, JINJA_TEMPLATE, PAD_TOKEN, SPECIAL_TOKENS
 from svlm.errors import ConfigError
 
@@ -92,12 +93,8 @@ def tokenizer_for_data(cfg: TokenizerConfig, train_files: list[Path]) -> PreTrai
     if (folder / "tokenizer.json").is_file():
         return load_tokenizer(folder)
     tok = train_bpe(texts_of(train_files, max_records=200_000), cfg.vocab_size)  # plenty for a BPE
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    tok.save_pretrained(tmp)
-    try:
-        tmp.rename(folder)
-    except OSError:
-        pass
+    with new_folder(folder, replace=False) as tmp:  # another run may train the same one at once
+        tok.save_pretrained(tmp)
     return load_tokenizer(folder)
 
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from svlm.models.vlm import IGNORE_INDEX as IGNORE  # the label the loss skips: the model's own constant
+
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<pad>"
 END_TOKEN = "<|end|>"
@@ -38,8 +40,6 @@ SPECIAL_TOKENS = [PAD_TOKEN, IMAGE_TOKEN, END_TOKEN, USER_TOKEN, ASSISTANT_TOKEN
 
 ImagePlacement = Literal["first", "inline"]
 PLACEMENTS = ("first", "inline")
-
-IGNORE = -100
 
 
 def place_images(text: str, placement: ImagePlacement = "first") -> str:

@@ -46,7 +46,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -57,6 +56,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from svlm.atomic import write_text
 from svlm.data.formats import DataError
 from svlm.data.images import open_image
 from svlm.errors import ConfigError
@@ -113,20 +113,6 @@ def encoder_key(vision, processor) -> str:
     return h.hexdigest()[:32]
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file whole or not at all: a temporary file, flushed, then renamed over."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class FileHashes:
     """Content hashes (sha256) of image files. A file is read once; later its hash
     is reused while its size, modification time, change time and inode are the
@@ -167,7 +153,7 @@ class FileHashes:
 
     def save(self) -> None:
         if self.changed:  # several runs may save at once: the last one's table wins, none is torn
-            write_atomic(self.path, json.dumps(self.known))
+            write_text(self.path, json.dumps(self.known))
             self.changed = False
 
 
@@ -272,7 +258,7 @@ class FeatureCache:
     def _commit(self, index: dict, out) -> None:
         out.flush()
         os.fsync(out.fileno())  # the rows are on disk before the index that points to them
-        write_atomic(self.folder / INDEX, json.dumps(index))
+        write_text(self.folder / INDEX, json.dumps(index))
 
     def fill(
         self, keys: dict[str, str], vision, show_progress: bool = True, stop: Callable[[], bool] = lambda: False
@@ -291,7 +277,7 @@ class FeatureCache:
             if not missing:
                 return 0
             if not (self.folder / META).is_file():
-                write_atomic(self.folder / META, json.dumps(self.meta, indent=2, default=str))
+                write_text(self.folder / META, json.dumps(self.meta, indent=2, default=str))
             was_training = vision.training
             vision.eval()
             path = self.folder / FEATURES

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from svlm.atomic import new_file
+
 ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
 
@@ -163,12 +165,11 @@ def line_index(path: str | os.PathLike) -> np.ndarray:
                 rows.append((offset, lineno))
             offset += len(line)
     index = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
-    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}.npz")
     try:
-        np.savez(tmp, key=key, index=index)
-        tmp.replace(cache)
+        with new_file(cache) as tmp:
+            np.savez(tmp, key=key, index=index)
     except OSError:  # a read-only data folder: keep the index in memory only
-        tmp.unlink(missing_ok=True)
+        pass
     return index
 
 

@@ -25,12 +25,12 @@ import hashlib
 import json
 import os
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from svlm.atomic import new_folder
 from svlm.errors import ConfigError
 
 VERSION = 4  # bump when the drawing or the wording changes: the cache key includes it
@@ -273,23 +273,18 @@ def build_shapes(spec: ShapesSpec, cache_dir: str | os.PathLike) -> Path:
     root = Path(cache_dir) / f"shapes-{spec.key()}"
     if (root / "DONE").is_file():
         return root
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "images").mkdir(parents=True)
-    rng = random.Random(spec.seed)
-    for split, n in (("train", spec.n_train), ("val", spec.n_val), ("test", spec.n_test)):
-        for task, records in _split_records(split, n, spec, tmp, rng).items():
-            if split == "test" and task == "pretrain":
-                continue
-            with open(tmp / f"{task}_{split}.jsonl", "w", encoding="utf-8") as f:
-                for rec in records:
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    (tmp / "spec.json").write_text(json.dumps({"version": VERSION, **asdict(spec)}, indent=2))
-    (tmp / "DONE").write_text("")
-    try:
-        tmp.rename(root)
-    except OSError:  # another process finished first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
+    with new_folder(root, replace=False) as tmp:  # another process may build the same one at once
+        (tmp / "images").mkdir()
+        rng = random.Random(spec.seed)
+        for split, n in (("train", spec.n_train), ("val", spec.n_val), ("test", spec.n_test)):
+            for task, records in _split_records(split, n, spec, tmp, rng).items():
+                if split == "test" and task == "pretrain":
+                    continue
+                with open(tmp / f"{task}_{split}.jsonl", "w", encoding="utf-8") as f:
+                    for rec in records:
+                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        (tmp / "spec.json").write_text(json.dumps({"version": VERSION, **asdict(spec)}, indent=2))
+        (tmp / "DONE").write_text("")
     return root
 
 

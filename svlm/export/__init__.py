@@ -31,11 +31,12 @@ from types import ModuleType
 
 import torch
 
+from svlm.atomic import new_folder
 from svlm.config import PathsConfig, build
 from svlm.data.chat import END_TOKEN, IMAGE_TOKEN, chat_template
 from svlm.errors import ConfigError
 from svlm.export import internvl, llava
-from svlm.export.parts import generation_config, lm_problems, processor, write_atomically
+from svlm.export.parts import check_out_folder, generation_config, lm_problems, processor
 from svlm.model_folder import load_model, resolve_model, save_model
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.tokenizer import load_tokenizer
@@ -126,7 +127,11 @@ def export_model(model: VLM, tokenizer, out: str | Path) -> Path:
     theirs.load_state_dict(ours, strict=True)
     theirs.generation_config = generation_config(config.text_config)
     proc = processor(model, tokenizer, fmt.token_patch(model), "full" if model.cfg.vision.use_cls else "default")
-    return write_atomically(Path(out), lambda tmp: (theirs.save_pretrained(tmp), proc.save_pretrained(tmp)))
+    check_out_folder(Path(out))
+    with new_folder(out) as tmp:
+        theirs.save_pretrained(tmp)
+        proc.save_pretrained(tmp)
+    return Path(out)
 
 
 # ---------------------------------------------------------------------- import

@@ -1,6 +1,6 @@
 """What every transformers format of an export shares: the language model as a
 Llama, the processor (tokenizer, chat template, image processor), the
-generation settings, and writing the folder atomically.
+generation settings, and which folder an export may replace.
 
 Our decoder is a Llama in all but names: RMSNorm, SwiGLU, GQA, tied or untied
 head, and RoPE that rotates (first half, second half) pairs, which is
@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 from pathlib import Path
 
 from svlm.data.chat import END_TOKEN, IMAGE_TOKEN, PAD_TOKEN, chat_template
 from svlm.errors import ConfigError
-from svlm.model_folder import replace_folder
 from svlm.models.language_model import LMConfig
 from svlm.models.vision import VisionConfig
 from svlm.models.vlm import VLM
@@ -176,16 +173,10 @@ def vision_from_processor(ip, what: str, **fields) -> VisionConfig:
 EXPORT_TYPES = ("llava", "internvl")
 
 
-def write_atomically(folder: Path, write) -> Path:
-    """Write into a temporary sibling, then move it into place; replaces an
-    earlier export, never a folder holding anything else."""
+def check_out_folder(folder: Path) -> None:
+    """An export replaces an earlier export, never a folder holding anything else."""
     if folder.exists() and any(folder.iterdir()):
         config = folder / "config.json"
         earlier = config.is_file() and json.loads(config.read_text()).get("model_type") in EXPORT_TYPES
         if not earlier:
             raise ConfigError(f"out={str(folder)!r} exists and is not an earlier export: choose another folder")
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    return replace_folder(tmp, folder)

@@ -14,7 +14,7 @@ from svlm.models.language_model import KVCache, LanguageModel, LMConfig
 from svlm.models.projector import ProjectorConfig, build_projector
 from svlm.models.vision import VisionConfig, VisionEncoder
 
-IGNORE_INDEX = -100  # a label the loss skips (svlm.data.chat.IGNORE)
+IGNORE_INDEX = -100  # a label the loss skips (the chat encoder's labels outside assistant turns)
 
 
 @dataclass
