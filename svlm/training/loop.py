@@ -261,7 +261,7 @@ def run_stage(
             pos["epoch"] += 1
             pos["batch"] = 0
 
-    def weights_tosave_stage_model() -> dict[str, torch.Tensor] | None:
+    def weights_to_save() -> dict[str, torch.Tensor] | None:
         """None: the model's own weights. Sharded ones are gathered (every process
         takes part); with adamw_offload, the fp32 masters, not the bf16 working copy."""
         if sharded:
@@ -279,7 +279,7 @@ def run_stage(
             "world": world,
             "micro": micro,
         }
-        weights = weights_tosave_stage_model()
+        weights = weights_to_save()
         extra_dirs = {}
         if sharded:  # every process writes its shard of the optimizer state
             engine = stage_dir / "checkpoints" / f".engine-{step:07d}"
@@ -416,7 +416,7 @@ def run_stage(
     log.close()
     accelerator.wait_for_everyone()
     out_dir = stage_dir / "model"
-    weights = weights_tosave_stage_model()
+    weights = weights_to_save()
     truncated = [w for d in parts for w in d.truncated]  # lazily read data adds to it while training
     if main:
         (stage_dir / "bad_samples.json").write_text(
