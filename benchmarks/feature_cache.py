@@ -122,14 +122,15 @@ def analytic_ceiling(cfg) -> dict:
     below them trains)."""
     import torch
 
-    from svlm.bench import step_flops, vision_flops
     from svlm.data.chat import ChatEncoder
     from svlm.data.formats import BadSamples
     from svlm.data.source import data_root, load_splits, train_files
+    from svlm.flops import step_flops, vision_flops
     from svlm.models.vision import ImageProcessor
     from svlm.models.vlm import target_positions
     from svlm.tokenizer import tokenizer_for_data
-    from svlm.training.loop import build_model, set_trainable
+    from svlm.training.optim import set_trainable
+    from svlm.training.prepare import build_model
 
     stage = cfg.stages()[0]
     root = data_root(cfg.data, cfg.paths.cache)

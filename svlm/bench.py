@@ -45,7 +45,10 @@ from pathlib import Path
 import torch
 
 from svlm.config import ConfigError, build
+from svlm.flops import step_flops
+from svlm.hardware import make_accelerator
 from svlm.models.vlm import IGNORE_INDEX, VLM, VLMConfig, target_positions
+from svlm.training.step import train_step
 
 # The fixed comparison sizes: 224 px, patch 14 (256 patches -> 64 visual tokens
 # by a 2x2 merge), vocabulary 8192, 96 text tokens, every part trained.
@@ -70,93 +73,6 @@ class BenchConfig:
     profile: bool = False  # 2 more steps under torch.profiler: profile.txt and trace.json in the run folder
     data: bool = True  # the data pipeline and padding figures (the configured data, built if absent)
     data_images: int = 200
-
-
-# ------------------------------------------------------------------------ FLOPs
-
-
-def lm_parts(cfg, tokens: int) -> dict[str, float]:
-    """Forward FLOPs a token of the language model at this length: one block's
-    weight matmuls, one block's attention scores, the head and the input reducer."""
-    d, hd = cfg.d_model, cfg.head_dim
-    q_o, k_v = 2 * d * (cfg.n_heads * hd), 2 * d * (cfg.n_kv_heads * hd)
-    if cfg.mlp == "swiglu":
-        mlp = 2 * 3 * d * cfg.d_ff
-    elif cfg.mlp == "gelu":
-        mlp = 2 * 2 * d * cfg.d_ff
-    else:  # routed top-k + shared experts, GELU MLPs, and the router
-        mlp = 2 * 2 * d * cfg.d_ff * (cfg.moe_top_k + cfg.moe_shared_experts) + 2 * d * cfg.moe_experts
-    return {
-        "block": 2 * q_o + 2 * k_v + mlp,
-        "scores": 2 * 2 * tokens * cfg.n_heads * hd,  # QK^T and AV (full, not causal-halved)
-        "head": 2 * d * cfg.vocab_size,
-        "reducer": 2 * (cfg.d_in * cfg.rank + cfg.rank * d) if cfg.d_in is not None else 0,
-    }
-
-
-def lm_flops(cfg, tokens: int, batch: int, head_tokens: int | None = None) -> float:
-    """Forward FLOPs of the language model for `batch` sequences of `tokens`, with
-    the head applied at `head_tokens` of them (None: all, as generation does; the
-    training loss needs it only where a supervised token follows)."""
-    f = lm_parts(cfg, tokens)
-    head_tokens = tokens if head_tokens is None else head_tokens
-    return (tokens * (cfg.n_layers * (f["block"] + f["scores"]) + f["reducer"]) + head_tokens * f["head"]) * batch
-
-
-def vision_flops(dinov2_cfg, patches: int, batch: int) -> float:
-    d, inner = dinov2_cfg.hidden_size, int(dinov2_cfg.hidden_size * dinov2_cfg.mlp_ratio)
-    tokens = patches + 1
-    per_layer = tokens * (2 * 4 * d * d + 2 * 2 * d * inner) + 2 * 2 * tokens * tokens * d
-    embed = patches * 2 * 3 * dinov2_cfg.patch_size**2 * d
-    return (dinov2_cfg.num_hidden_layers * per_layer + embed) * batch
-
-
-def projector_flops(model: VLM, batch: int) -> float:
-    """2 x the multiply-adds of the projector's linear layers (and the resampler's attention)."""
-    n = model.num_image_tokens
-    total = 0
-    for m in model.projector.modules():
-        if isinstance(m, torch.nn.Linear):
-            total += 2 * m.in_features * m.out_features * n
-        if isinstance(m, torch.nn.MultiheadAttention):
-            p = model.vision.num_patches
-            total += 2 * 4 * m.embed_dim**2 * max(n, p) + 2 * 2 * n * p * m.embed_dim
-    return total * batch
-
-
-def _trains(module: torch.nn.Module | None) -> bool:
-    return module is not None and any(p.requires_grad for p in module.parameters())
-
-
-def step_flops(model: VLM, batch: int, tokens: int, head_tokens: int | None = None) -> float:
-    """Training FLOPs of one step as autograd runs it with the model's present
-    requires_grad flags: each part's forward; in the backward, a weight gradient
-    (1 x its matmuls) where the part trains, and an input gradient (1 x its
-    matmuls, 2 x the attention scores) where it or something below it trains.
-    So a frozen encoder counts once, and frozen blocks under the trained ones
-    cost no backward. `head_tokens`: the positions of a sequence followed by a
-    supervised token, where the loss makes logits (None: all)."""
-    lm = model.lm
-    f = lm_parts(model.cfg.lm, tokens)
-    head_tokens = tokens if head_tokens is None else head_tokens
-    vis = vision_flops(model.vision.dinov2.config, model.vision.num_patches, 1)
-    proj = projector_flops(model, 1)
-    vision_trains, projector_trains = _trains(model.vision), _trains(model.projector)
-    dv = model.vision.dinov2.config
-    patch_embed = model.vision.num_patches * 2 * 3 * dv.patch_size**2 * dv.hidden_size  # no gradient for pixels
-    total = vis + (2 * vis - patch_embed if vision_trains else 0)
-    total += proj * (1 + projector_trains + (vision_trains or projector_trains))  # (its first layer's: slightly over)
-    below = vision_trains or projector_trains or _trains(lm.embed_tokens)  # a gradient reaches the LM's input
-    if lm.reducer is not None:
-        total += tokens * f["reducer"] * (1 + _trains(lm.reducer) + below)
-        below = below or _trains(lm.reducer)
-    for layer in lm.layers:
-        trains = _trains(layer)
-        # A trained block's norms need the input gradients of every matmul in it, as does anything below.
-        total += tokens * (f["block"] * (1 + trains + (below or trains)) + f["scores"] * (1 + 2 * (below or trains)))
-        below = below or trains
-    total += head_tokens * f["head"] * (1 + lm.lm_head.weight.requires_grad + below)
-    return total * batch
 
 
 # ------------------------------------------------------------------- measuring
@@ -206,34 +122,41 @@ def split(batch: dict, micro: int, device) -> list[dict]:
     return parts
 
 
-def train_step(model, optimizer, micro_batches: list[dict], autocast, phase=lambda name: nullcontext()) -> None:
-    """One optimizer step: forward and backward of each micro-batch (gradients
-    accumulated, the loss weighted by its share of the samples), then the
-    optimizer. `phase(name)` wraps each part (the profiler's labels)."""
-    n = sum(b["input_ids"].shape[0] for b in micro_batches)
-    for b in micro_batches:
-        with phase("forward"), autocast:
-            out = model(b["input_ids"], b["pixel_values"], b["labels"], target_index=b["target_index"])
-        with phase("backward"):
-            (out.loss * (b["input_ids"].shape[0] / n)).backward()
-    with phase("optimizer"):
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+@dataclass
+class Stepper:
+    """What one_step needs: accelerate's Accelerator (device and precision, as
+    training has them), the model, its optimizer and the trained parameters."""
+
+    accelerator: object
+    model: VLM
+    optimizer: torch.optim.Optimizer
+    trainable: list[torch.nn.Parameter]
+    grad_clip: float
+    skip_on_device: bool
 
 
-def time_steps(model, optimizer, micro_batches: list[dict], steps: int, device, autocast) -> list[float]:
-    """Seconds of each of `steps` optimizer steps (train_step)."""
+def one_step(steps: Stepper, micro_batches: list[dict], phase=lambda name: nullcontext()) -> None:
+    """One optimizer step as training takes it (svlm.training.step.train_step:
+    the token-mean loss over the micro-batches, clipping, a non-finite step
+    skipped), then the gradients cleared. `phase(name)` labels the parts."""
+    train_step(steps.accelerator, steps.model, steps.optimizer, micro_batches, steps.trainable, steps.grad_clip,
+               steps.skip_on_device, phase=phase)  # fmt: skip
+    steps.optimizer.zero_grad(set_to_none=True)
+
+
+def time_steps(steps: Stepper, micro_batches: list[dict], n: int, device) -> list[float]:
+    """Seconds of each of `n` optimizer steps (one_step)."""
     times = []
-    for _ in range(steps):
+    for _ in range(n):
         t0 = time.perf_counter()
-        train_step(model, optimizer, micro_batches, autocast)
+        one_step(steps, micro_batches)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return times
 
 
-def profile_steps(model, optimizer, micro_batches: list[dict], device, autocast, folder: Path) -> dict:
+def profile_steps(steps: Stepper, micro_batches: list[dict], device, folder: Path) -> dict:
     """Two steps under torch.profiler: the share of the step in forward, backward
     and optimizer, and the operators that take the most time (on the GPU when
     there is one), to `folder`/profile.txt; the timeline to `folder`/trace.json
@@ -243,7 +166,7 @@ def profile_steps(model, optimizer, micro_batches: list[dict], device, autocast,
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(2):
-            train_step(model, optimizer, micro_batches, autocast, phase=lambda name: record_function(f"## {name}"))
+            one_step(steps, micro_batches, phase=lambda name: record_function(f"## {name}"))
         if device.type == "cuda":
             torch.cuda.synchronize()
     folder.mkdir(parents=True, exist_ok=True)
@@ -367,7 +290,7 @@ def build_bench_model(cfg, bench: BenchConfig) -> tuple[VLM, int]:
 def run(cfg, bench: BenchConfig) -> dict:
     from svlm.hardware import resolve_precision
     from svlm.memory import choose_optimizer
-    from svlm.training.optim import make_optimizer, set_trainable
+    from svlm.training.optim import OffloadAdamW, make_optimizer, set_trainable
 
     hw = cfg.hardware
     device = torch.device("cuda" if torch.cuda.is_available() and hw.device != "cpu" else "cpu")
@@ -402,20 +325,22 @@ def run(cfg, bench: BenchConfig) -> dict:
         "trained_params_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
         "step_gflop": flops / 1e9, "estimate_gib": estimate.total / 2**30, "rounds": {},
     }  # fmt: skip
-    autocast = torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=low is not None)
+    fused = isinstance(optimizer, OffloadAdamW) or getattr(optimizer, "defaults", {}).get("fused", False)
+    steps = Stepper(make_accelerator(hw), model, optimizer, [p for p in model.parameters() if p.requires_grad],
+                    stage.grad_clip, bool(fused))  # fmt: skip
     peak_dtype = low if low is not None and device.type == "cuda" else torch.float32
     default_threads = torch.get_num_threads()
     peak_memory = 0
     for threads in bench.threads:
         torch.set_num_threads(threads or default_threads)
         best = None
-        time_steps(model, optimizer, micro_batches, bench.warmup, device, autocast)
+        time_steps(steps, micro_batches, bench.warmup, device)
         for _ in range(bench.rounds):
             peak = matmul_peak(device, peak_dtype)
             if device.type == "cuda":  # the peak of the training steps alone (weights and states included)
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            step = statistics.median(time_steps(model, optimizer, micro_batches, bench.steps, device, autocast))
+            step = statistics.median(time_steps(steps, micro_batches, bench.steps, device))
             if device.type == "cuda":
                 peak_memory = max(peak_memory, torch.cuda.max_memory_allocated())
             if best is None or flops / step / peak > best["mfu"]:
@@ -425,7 +350,7 @@ def run(cfg, bench: BenchConfig) -> dict:
         results["rounds"][str(threads or default_threads)] = best
     torch.set_num_threads(default_threads)
     if bench.profile:
-        results["profile"] = profile_steps(model, optimizer, micro_batches, device, autocast, Path(cfg.paths.run_dir))
+        results["profile"] = profile_steps(steps, micro_batches, device, Path(cfg.paths.run_dir))
     if device.type == "cuda":
         results["peak_memory_gib"] = peak_memory / 2**30
         results["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30

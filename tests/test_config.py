@@ -14,7 +14,7 @@ from svlm.config import (
     load_train_config,
 )
 from svlm.data.chat import ChatEncoder
-from svlm.training.loop import build_model
+from svlm.training.prepare import build_model
 
 GROUPS = ["model", "data", "stage", "hardware", "logger", "experiment"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]

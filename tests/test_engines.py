@@ -8,7 +8,7 @@ from conftest import compose, path_overrides, tiny_train_overrides
 from svlm.config import load_train_config
 from svlm.errors import ConfigError
 from svlm.hardware import FSDP_WRAP, accelerator_kwargs
-from svlm.training.loop import build_model
+from svlm.training.prepare import build_model
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from svlm.bench import step_flops
 from svlm.config import StageConfig
 from svlm.data.dataset import Collator
 from svlm.evaluation import validate
+from svlm.flops import step_flops
 from svlm.models.language_model import LMConfig
 from svlm.models.projector import ProjectorConfig
 from svlm.models.vision import VisionConfig

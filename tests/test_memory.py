@@ -54,7 +54,7 @@ def test_offload_needs_bf16_and_ddp(tmp_path, cache_dir):
 
 
 def test_adamw_is_fused(tiny_cfg, tokenizer):
-    from svlm.training.loop import build_model
+    from svlm.training.prepare import build_model
 
     model = build_model(tiny_cfg, tokenizer)
     stage = tiny_cfg.stages()[-1]
@@ -65,7 +65,7 @@ def test_adamw_is_fused(tiny_cfg, tokenizer):
 
 def test_saved_bytes_counts_what_autograd_keeps(tiny_cfg, tokenizer):
     """Activations scale with the batch; weights are not counted; a frozen encoder keeps nothing."""
-    from svlm.training.loop import build_model
+    from svlm.training.prepare import build_model
 
     model = build_model(tiny_cfg, tokenizer)
     stage = tiny_cfg.stages()[-1]

@@ -24,7 +24,8 @@ from svlm.model_folder import load_model
 from svlm.models.vision import VisionConfig, VisionEncoder
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.tokenizer import load_tokenizer
-from svlm.training.loop import build_model, train
+from svlm.training.loop import train
+from svlm.training.prepare import build_model
 
 BASE_DINO = {
     "hidden_size": 768,

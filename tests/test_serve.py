@@ -31,7 +31,7 @@ from svlm.serve import build_app, load_serve_config
 from svlm.serve.config import LimitsConfig
 from svlm.serve.engine import Result
 from svlm.serve.messages import APIError, parse_chat_request
-from svlm.training.loop import build_model
+from svlm.training.prepare import build_model
 
 CONTEXT = 1024  # the test model's max_seq_len: room for long generations (disconnect test)
 LIMITS = [  # small limits, so tests can cross them cheaply

@@ -22,7 +22,8 @@ from svlm.inference import ask
 from svlm.model_folder import load_model, resolve_model, save_model
 from svlm.models.language_model import KVCache
 from svlm.models.vision import ImageProcessor
-from svlm.training.loop import build_model, train
+from svlm.training.loop import train
+from svlm.training.prepare import build_model
 
 MODEL_FILES = ["model.safetensors", "config.json", "vision_config.json", "svlm.json", "tokenizer.json"]
 

@@ -194,3 +194,15 @@ class RecordReader:
 
     def __getstate__(self) -> dict:  # picklable for worker processes: no open handle
         return {"path": self.path, "_handle": None, "_pid": None}
+
+
+def check_bad_fraction(bad: BadSamples, good: int, limit: float) -> None:
+    """Stop when more than `limit` of the samples are bad: the data, not a few lines, is wrong."""
+    total = good + bad.total
+    if bad.total and bad.total > limit * total:
+        raise DataError(
+            "data",
+            "too many bad samples",
+            f"{bad.total} of {total} samples are bad ({bad.total / total:.1%} > data.max_bad_fraction={limit}):\n"
+            f"{bad.summary()}",
+        )

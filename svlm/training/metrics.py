@@ -6,11 +6,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import netrc
 import os
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
 
 from svlm.config import TrainConfig
+from svlm.training.checkpoint import checkpoints
+from svlm.training.signals import TrainingStopped
+
+if TYPE_CHECKING:
+    from svlm.training.prepare import StageRun
 
 
 class MetricsLog:
@@ -61,3 +71,60 @@ def truncate_metrics(path: Path, step: int) -> None:
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
     path.write_text("".join(line + "\n" for line in keep))
+
+
+class Figures:
+    """The steps' figures, kept on the device until read in one go (one sync):
+    the window of losses for the log line, the last gradient norm, and the
+    steps skipped for a non-finite loss or gradient (too many in a row stop the run)."""
+
+    def __init__(self, run: StageRun, log: MetricsLog, bar) -> None:
+        self.run, self.log, self.bar = run, log, bar
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, grad norm, bad loss, bad gradient])
+        self.last_grad_norm = 0.0
+        self.t0, self.seen0 = time.time(), run.pos.seen
+
+    def read(self) -> None:
+        if not self.pending:
+            return
+        values = torch.stack([f for _, f in self.pending]).tolist()
+        steps = [s for s, _ in self.pending]
+        self.pending.clear()
+        pos, stage = self.run.pos, self.run.stage
+        for step, (loss, grad_norm, bad_loss, bad_grad) in zip(steps, values):
+            self.last_grad_norm = grad_norm
+            if not (bad_loss or bad_grad):
+                pos.bad_in_a_row, pos.window_loss, pos.window_n = 0, pos.window_loss + loss, pos.window_n + 1
+                continue
+            # a non-finite loss or gradient: the update was skipped, the schedule kept
+            pos.bad_in_a_row += 1
+            self.log.log({"step": step, "skipped": f"non-finite {'loss' if bad_loss else 'gradient'}"})
+            self.bar.write(f"[{stage.name}] step {step}: non-finite loss or gradient, update skipped")
+            if pos.bad_in_a_row >= stage.max_bad_steps:
+                last = checkpoints(self.run.dir)
+                raise TrainingStopped(
+                    f"[{stage.name}] {pos.bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                    f"(stage.max_bad_steps={stage.max_bad_steps}); stopped at step {step}. Last good checkpoint: "
+                    f"{last[-1] if last else 'none'}. Try a lower stage.lr or hardware.precision=fp32.",
+                    exit_code=1,
+                )
+
+    def log_window(self, step: int, out) -> None:
+        """The log line of the steps since the last one (none when all were skipped)."""
+        pos = self.run.pos
+        if not pos.window_n:
+            return
+        loss = pos.window_loss / pos.window_n
+        record = {
+            "step": step,
+            "epoch": round(pos.seen / len(self.run.train_ds), 3),
+            "train/loss": loss,
+            "train/ppl": math.exp(min(loss, 50)),
+            "train/lr": self.run.scheduler.get_last_lr()[0],
+            "train/aux_loss": float((out.loss - out.ce_loss).detach()),
+            "train/grad_norm": self.last_grad_norm,
+            "samples_per_s": (pos.seen - self.seen0) / (time.time() - self.t0),
+        }
+        self.log.log(record)
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['train/lr']:.1e}")
+        pos.window_loss, pos.window_n = 0.0, 0
