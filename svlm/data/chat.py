@@ -39,7 +39,6 @@ ASSISTANT_TOKEN = "<|assistant|>"
 SPECIAL_TOKENS = [PAD_TOKEN, IMAGE_TOKEN, END_TOKEN, USER_TOKEN, ASSISTANT_TOKEN]
 
 ImagePlacement = Literal["first", "inline"]
-PLACEMENTS = ("first", "inline")
 
 
 def place_images(text: str, placement: ImagePlacement = "first") -> str:
