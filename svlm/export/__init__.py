@@ -41,8 +41,7 @@ from svlm.model_folder import load_model, resolve_model, save_model
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.tokenizer import load_tokenizer
 
-FORMATS = {llava.MODEL_TYPE: llava, internvl.MODEL_TYPE: internvl}
-NAMES = {"llava": "LLaVA", "internvl": "InternVL"}
+FORMATS = {fmt.MODEL_TYPE: fmt for fmt in (llava, internvl)}
 
 
 @dataclass
@@ -101,7 +100,7 @@ def check_exportable(cfg: VLMConfig, num_register_tokens: int = 0) -> ModuleType
     problems = export_problems(cfg, num_register_tokens)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
-        name = NAMES[format_for(cfg).MODEL_TYPE] if cfg.projector.kind == "mlp" else "LLaVA or InternVL"
+        name = format_for(cfg).NAME if cfg.projector.kind == "mlp" else "LLaVA or InternVL"
         raise ConfigError(f"this model cannot be exported to transformers' {name} format:\n{lines}")
     return format_for(cfg)
 
@@ -114,15 +113,12 @@ def export_model(model: VLM, tokenizer, out: str | Path) -> Path:
     fmt = check_exportable(model.cfg, model.vision.num_registers)
     config = fmt.hf_config(model, tokenizer)
     theirs = fmt.model_class()(config)
-    if hasattr(fmt, "export_weights"):
-        ours = fmt.export_weights(model)
-    else:
-        ours = {fmt.hf_name(k): v for k, v in model.state_dict().items()}
+    ours = fmt.export_weights(model)
     expected = theirs.state_dict()
     if set(ours) != set(expected):
         raise RuntimeError(
             f"weight names differ: only ours {sorted(set(ours) - set(expected))[:5]}, "
-            f"only {NAMES[fmt.MODEL_TYPE]}'s {sorted(set(expected) - set(ours))[:5]}"
+            f"only {fmt.NAME}'s {sorted(set(expected) - set(ours))[:5]}"
         )
     theirs.load_state_dict(ours, strict=True)
     theirs.generation_config = generation_config(config.text_config)
@@ -181,7 +177,7 @@ def run(cfg: ExportConfig) -> Path:
     with torch.no_grad():
         out = export_model(model, tokenizer, cfg.out)
     kind = json.loads((out / "config.json").read_text())["model_type"]
-    print(f"{NAMES[kind]} format ({kind}): load with transformers' AutoModelForImageTextToText and AutoProcessor")
+    print(f"{FORMATS[kind].NAME} format ({kind}): load with transformers' AutoModelForImageTextToText and AutoProcessor")
     return out
 
 

@@ -30,7 +30,7 @@ from svlm.export.parts import llama_config, lm_config_from, lm_name, vision_from
 from svlm.models.projector import ProjectorConfig
 from svlm.models.vlm import VLM, VLMConfig
 
-MODEL_TYPE = "internvl"
+MODEL_TYPE, NAME = "internvl", "InternVL"
 
 # DINOv2's layer parts -> InternVL's vision layer parts.
 _VISION_PARTS = {

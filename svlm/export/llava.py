@@ -19,7 +19,7 @@ from svlm.export.parts import llama_config, lm_config_from, lm_name, vision_from
 from svlm.models.projector import ProjectorConfig
 from svlm.models.vlm import VLM, VLMConfig
 
-MODEL_TYPE = "llava"
+MODEL_TYPE, NAME = "llava", "LLaVA"
 
 
 def problems(cfg: VLMConfig) -> list[str]:
@@ -51,6 +51,11 @@ def hf_name(name: str) -> str | None:
     if head == "lm":
         return lm_name(rest)
     raise KeyError(f"no LLaVA name for {name}")
+
+
+def export_weights(model: VLM) -> dict:
+    """Our weights under LLaVA's names."""
+    return {hf_name(k): v for k, v in model.state_dict().items()}
 
 
 def hf_config(model: VLM, tokenizer):
