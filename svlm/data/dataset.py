@@ -222,17 +222,21 @@ class MixedDataset(ConcatDataset):
         self.sizes = [len(d) for d in datasets]
         self.weights = list(weights)
 
-    def example(self, i: int) -> Example:
+    def locate(self, i: int) -> tuple[int, int]:
+        """Sample i of the mixture -> (its source, its index there)."""
         k = int(np.searchsorted(self.cumulative_sizes, i, side="right"))
-        return self.datasets[k].example(i - (self.cumulative_sizes[k - 1] if k else 0))
+        return k, i - (self.cumulative_sizes[k - 1] if k else 0)
+
+    def example(self, i: int) -> Example:
+        k, j = self.locate(i)
+        return self.datasets[k].example(j)
 
     def image_files(self, indices: Iterable[int] | None = None) -> set[Path]:
         if indices is None:
             return set().union(*(d.image_files() for d in self.datasets))
         parts: list[list[int]] = [[] for _ in self.datasets]
-        for i in indices:
-            k = int(np.searchsorted(self.cumulative_sizes, i, side="right"))
-            parts[k].append(i - (self.cumulative_sizes[k - 1] if k else 0))
+        for k, j in map(self.locate, indices):
+            parts[k].append(j)
         return set().union(*(d.image_files(p) for d, p in zip(self.datasets, parts) if p))
 
     def use_features(self, view) -> None:
