@@ -7,7 +7,7 @@ import torch
 from conftest import path_overrides, tiny_train_overrides
 from torch.utils.flop_counter import FlopCounterMode
 
-from svlm.bench import main
+from svlm.bench.__main__ import main
 from svlm.flops import lm_flops, vision_flops
 from svlm.models.language_model import LanguageModel, LMConfig
 from svlm.models.vision import VisionConfig, VisionEncoder

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from svlm.data.check import main as check_main
+from svlm.data.check.__main__ import main as check_main
 from svlm.data.formats import BadSamples, DataError
 from svlm.data.images import open_image
 

@@ -16,7 +16,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from svlm.config import load_train_config
 from svlm.data.chat import JINJA_TEMPLATE, ChatEncoder, render
 from svlm.errors import ConfigError
-from svlm.export import check_exportable, export_model, import_model, main
+from svlm.export import check_exportable, export_model, import_model
+from svlm.export.__main__ import main
 from svlm.generation import generate
 from svlm.model_folder import load_model
 from svlm.models.language_model import LMConfig

@@ -9,7 +9,8 @@ from conftest import compose, path_overrides
 from torch import nn
 
 from svlm.config import ConfigError, load_train_config
-from svlm.memory import estimate_memory, main, saved_bytes
+from svlm.memory import estimate_memory, saved_bytes
+from svlm.memory.__main__ import main
 from svlm.training.optim import OffloadAdamW, make_optimizer, set_trainable
 
 
@@ -133,9 +134,10 @@ def test_training_with_offload_saves_fp32_masters(make_train_cfg, tmp_path):
 )
 def test_tools_name_a_bad_override_in_one_line(override, named, capsys):
     """python -m svlm.memory and svlm.bench: an unknown key or option is one line naming it, status 2."""
-    from svlm import bench, memory
+    from svlm.bench.__main__ import main as bench_main
+    from svlm.memory.__main__ import main as memory_main
 
-    for tool in (memory, bench):
-        assert tool.main([override]) == 2
+    for tool_main in (memory_main, bench_main):
+        assert tool_main([override]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and named in err and "Traceback" not in err and err.count("\n") == 1

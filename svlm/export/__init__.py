@@ -24,7 +24,6 @@ ConfigError that names the part and its config key (see `export_problems`).
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -32,7 +31,7 @@ from types import ModuleType
 import torch
 
 from svlm.atomic import new_folder
-from svlm.config import PathsConfig, build
+from svlm.config import PathsConfig
 from svlm.data.chat import END_TOKEN, IMAGE_TOKEN, chat_template
 from svlm.errors import ConfigError
 from svlm.export import internvl, llava
@@ -177,22 +176,7 @@ def run(cfg: ExportConfig) -> Path:
     with torch.no_grad():
         out = export_model(model, tokenizer, cfg.out)
     kind = json.loads((out / "config.json").read_text())["model_type"]
-    print(f"{FORMATS[kind].NAME} format ({kind}): load with transformers' AutoModelForImageTextToText and AutoProcessor")
+    print(
+        f"{FORMATS[kind].NAME} format ({kind}): load with transformers' AutoModelForImageTextToText and AutoProcessor"
+    )
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    from omegaconf import OmegaConf
-
-    from svlm.cli import command
-
-    def body(args: list[str]) -> int:
-        out = run(build(ExportConfig, OmegaConf.to_container(OmegaConf.from_dotlist(args))))
-        print(f"wrote {out}")
-        return 0
-
-    return command(__doc__, body, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,6 @@ every job, overlaid, one panel a stage) into the sweep folder. A multirun
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import yaml
@@ -126,20 +125,3 @@ class SweepReport(Callback):
             report(config.hydra.sweep.dir)
         except FileNotFoundError as e:
             print(f"no sweep report: {e}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if args and args[0] in ("-h", "--help") else 2
-    try:
-        report(args[0])
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

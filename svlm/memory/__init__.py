@@ -40,7 +40,6 @@ the allocator's fragmentation; `fits` leaves CONTEXT_GIB for them.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,26 +265,3 @@ def choose_optimizer(cfg: TrainConfig, stage: StageConfig, **kw) -> tuple[str, M
     if plain.fits(hw.memory_budget_gb) or planned_device(hw) != "cuda":
         return "adamw", plain
     return "adamw_offload", estimate_memory(cfg, stage, "adamw_offload", **kw)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from svlm.cli import command, compose_train
-
-    def body(args: list[str]) -> int:
-        cfg = compose_train(["paths.run_dir=outputs/memory", *args])
-        ok = True
-        for stage in cfg.stages():
-            kind, est = choose_optimizer(cfg, stage)
-            print(est.table())
-            budget = cfg.hardware.memory_budget_gb
-            if budget is not None:
-                verdict = "fits" if est.fits(budget) else "does NOT fit"
-                print(f"  {verdict} hardware.memory_budget_gb={budget:g} (with {CONTEXT_GIB} GiB for the CUDA context)")
-                ok = ok and est.fits(budget)
-        return 0 if ok else 1
-
-    return command(__doc__, body, argv, errors=(ValueError,))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

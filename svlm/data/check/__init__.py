@@ -13,13 +13,10 @@ outputs/check/<time>/report.json. Exit code 1 when anything is bad.
 
 from __future__ import annotations
 
-import json
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
-from svlm.config import TrainConfig, load_train_config
+from svlm.config import TrainConfig
 from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.dataset import ChatDataset
 from svlm.data.formats import BadSamples, DataError
@@ -125,33 +122,3 @@ def print_report(report: dict) -> None:
             print("\n".join(r["histogram"]))
     total_bad = sum(r["bad"] for r in report["files"])
     print(f"\n{'OK: no bad samples' if not total_bad else f'{total_bad} bad sample(s)'}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    from hydra import compose, initialize_config_dir
-
-    from svlm.cli import quote_free_text
-
-    argv = quote_free_text(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    out = Path("outputs") / "check" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    try:
-        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            cfg = load_train_config(compose("train", [f"paths.run_dir={out}", *argv]))
-        out = Path(cfg.paths.run_dir)
-        report = check(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print_report(report)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    print(f"report: {out / 'report.json'}")
-    return 1 if any(r["bad"] for r in report["files"]) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -33,10 +33,8 @@ and the step, not the data.
 from __future__ import annotations
 
 import dataclasses
-import json
 import resource
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -44,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from svlm.config import ConfigError, build
+from svlm.config import ConfigError
 from svlm.flops import step_flops
 from svlm.hardware import make_accelerator
 from svlm.models.vlm import IGNORE_INDEX, VLM, VLMConfig, target_positions
@@ -362,57 +360,3 @@ def run(cfg, bench: BenchConfig) -> dict:
         results["data_images_per_s"] = data_pipeline_speed(cfg, model, bench.data_images)
         results["padding_share"] = padding_share(cfg, model, batch_size, micro)
     return results
-
-
-def print_table(r: dict) -> None:
-    print(f"{r['model']} ({r['stage']}) on {r['device_name']}, hardware={r['hardware']}: batch {r['batch']} "
-          f"(micro-batch {r['micro_batch']}) x {r['tokens_per_sample']} tokens, {r['precision']}, {r['optimizer']}"
-          f"{', checkpointing' if r['grad_checkpointing'] else ''}{', compiled' if r['compile'] else ''}; "
-          f"{r['params_m']:.1f}M parameters ({r['trained_params_m']:.1f}M trained), "
-          f"{r['step_gflop']:.1f} GFLOP a step")  # fmt: skip
-    print(
-        f"  {'threads':>7} {'step s':>8} {'samples/s':>10} {'tokens/s':>10} {'GFLOP/s':>9} {'peak GFLOP/s':>13} {'MFU':>6}"
-    )
-    for threads, b in r["rounds"].items():
-        print(f"  {threads:>7} {b['step_s']:>8.3f} {b['samples_per_s']:>10.1f} {b['tokens_per_s']:>10.0f} "
-              f"{b['achieved_gflops']:>9.1f} {b['peak_gflops']:>13.1f} {b['mfu']:>6.1%}")  # fmt: skip
-    if "generation_tokens_per_s" in r:
-        g = r["generation_tokens_per_s"]
-        print(f"  generation ({g['new_tokens']} new tokens): {g['with_cache']:.0f} tokens/s with the KV cache, "
-              f"{g['without_cache']:.0f} without ({g['speedup']:.1f}x)")  # fmt: skip
-    if "data_images_per_s" in r:
-        print(
-            f"  data pipeline: {r['data_images_per_s']:.0f} images/s; padding: {r['padding_share']:.1%} of batch tokens"
-        )
-    if "profile" in r:
-        shares = ", ".join(f"{k} {v:.0%}" for k, v in r["profile"]["phases"].items())
-        print(f"  profile: {shares} of the step; top operators in {r['profile']['table']}")
-    mem = r.get("peak_memory_gib", r.get("peak_rss_gib"))
-    print(f"  peak memory: {mem:.2f} GiB ({'GPU allocated' if 'peak_memory_gib' in r else 'process RSS'}); "
-          f"estimate (python -m svlm.memory): {r['estimate_gib']:.2f} GiB")  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> int:
-    from omegaconf import OmegaConf
-
-    from svlm.cli import command, compose_train
-
-    def body(args: list[str]) -> int:
-        bench_args = [a.removeprefix("bench.") for a in args if a.startswith("bench.")]
-        train_args = [a for a in args if not a.startswith("bench.")]
-        out = Path("outputs") / "bench" / time.strftime("%Y-%m-%d_%H-%M-%S")
-        cfg = compose_train([f"paths.run_dir={out}", *train_args])
-        raw = OmegaConf.to_container(OmegaConf.from_dotlist(bench_args)) if bench_args else {}
-        results = run(cfg, build(BenchConfig, raw, "bench"))
-        print_table(results)
-        out = Path(cfg.paths.run_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(results, indent=2))
-        print(f"figures: {out / 'bench.json'}")
-        return 0
-
-    return command(__doc__, body, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
