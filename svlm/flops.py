@@ -1,5 +1,5 @@
 """The model's FLOPs, counted analytically (the memory planner's companion in
-svlm/memory.py; the benchmark's MFU divides by these).
+svlm/memory/; the benchmark's MFU divides by these).
 
 A step's forward counts every part: the vision encoder, the projector and the
 language model, attention scores included. Its backward follows autograd:

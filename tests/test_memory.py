@@ -1,4 +1,4 @@
-"""The memory planner (svlm/memory.py) and the memory-lean optimizer (OffloadAdamW)."""
+"""The memory planner (svlm/memory/) and the memory-lean optimizer (OffloadAdamW)."""
 
 import copy
 import json

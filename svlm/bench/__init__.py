@@ -20,7 +20,7 @@ one table and writes the figures as JSON to outputs/bench/<time>/bench.json:
 - the data pipeline alone (images decoded and preprocessed a second);
 - the share of padding tokens in batches of the configured data;
 - peak memory (process RSS on the CPU, torch.cuda.max_memory_allocated over
-  the training steps on a GPU) beside the planner's estimate (svlm/memory.py);
+  the training steps on a GPU) beside the planner's estimate (svlm/memory/);
 - generation tokens/s with and without the KV cache;
 - with bench.profile=true, where a step's time goes (forward, backward,
   optimizer, and the costliest operators: profile.txt and trace.json).
