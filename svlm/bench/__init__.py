@@ -46,7 +46,7 @@ from svlm.config import ConfigError
 from svlm.flops import step_flops
 from svlm.hardware import make_accelerator
 from svlm.models.vlm import IGNORE_INDEX, VLM, VLMConfig, target_positions
-from svlm.training.step import train_step
+from svlm.training.step import skips_on_device, train_step
 
 # The fixed comparison sizes: 224 px, patch 14 (256 patches -> 64 visual tokens
 # by a 2x2 merge), vocabulary 8192, 96 text tokens, every part trained.
@@ -288,7 +288,7 @@ def build_bench_model(cfg, bench: BenchConfig) -> tuple[VLM, int]:
 def run(cfg, bench: BenchConfig) -> dict:
     from svlm.hardware import resolve_precision
     from svlm.memory import choose_optimizer
-    from svlm.training.optim import OffloadAdamW, make_optimizer, set_trainable
+    from svlm.training.optim import make_optimizer, set_trainable
 
     hw = cfg.hardware
     device = torch.device("cuda" if torch.cuda.is_available() and hw.device != "cpu" else "cpu")
@@ -323,9 +323,8 @@ def run(cfg, bench: BenchConfig) -> dict:
         "trained_params_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
         "step_gflop": flops / 1e9, "estimate_gib": estimate.total / 2**30, "rounds": {},
     }  # fmt: skip
-    fused = isinstance(optimizer, OffloadAdamW) or getattr(optimizer, "defaults", {}).get("fused", False)
     steps = Stepper(make_accelerator(hw), model, optimizer, [p for p in model.parameters() if p.requires_grad],
-                    stage.grad_clip, bool(fused))  # fmt: skip
+                    stage.grad_clip, skips_on_device(optimizer))  # fmt: skip
     peak_dtype = low if low is not None and device.type == "cuda" else torch.float32
     default_threads = torch.get_num_threads()
     peak_memory = 0

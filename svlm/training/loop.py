@@ -49,7 +49,7 @@ from svlm.training.checkpoint import (
 from svlm.training.metrics import Figures, MetricsLog
 from svlm.training.prepare import StageRun, prepare
 from svlm.training.signals import StopRequested, TrainingStopped
-from svlm.training.step import train_step
+from svlm.training.step import skips_on_device, train_step
 
 # ------------------------------------------------------------------------ stage
 
@@ -95,7 +95,7 @@ def fit(run: StageRun, stop: StopRequested) -> None:
     run.started = figures.t0
     stream = batches(run)
     run.model.train()
-    skip_on_device = not run.sharded and (run.offloaded or run.optimizer.optimizer.defaults.get("fused", False))
+    skip_on_device = not run.sharded and skips_on_device(run.optimizer)
     trainable = [p for p in run.model.parameters() if p.requires_grad]
     deepspeed = run.accelerator.distributed_type == DistributedType.DEEPSPEED
     while pos.step < run.total:
@@ -139,11 +139,11 @@ def fit(run: StageRun, stop: StopRequested) -> None:
 
 def check_lazy_data(run: StageRun, step: int) -> None:
     """Lazily read data: bad samples show up as they come, so the share is judged as training goes."""
-    lazy = run.lazy_parts
-    if lazy and step % run.stage.log_every == 0:
-        fetched = sum(d.fetched for d in lazy)
-        if fetched >= 200:
-            check_bad_fraction(run.bad, fetched - run.bad.total, run.cfg.data.max_bad_fraction)
+    if step % run.stage.log_every or not (lazy := run.lazy_parts):
+        return
+    fetched = sum(d.fetched for d in lazy)
+    if fetched >= 200:
+        check_bad_fraction(run.bad, fetched - run.bad.total, run.cfg.data.max_bad_fraction)
 
 
 def evaluate_now(run: StageRun, log: MetricsLog, bar, step: int) -> None:

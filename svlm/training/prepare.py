@@ -56,6 +56,11 @@ def build_model(cfg: TrainConfig, tokenizer) -> VLM:
     return VLM(vlm_cfg)
 
 
+def sources(train_ds) -> list:
+    """The training data sets: a mixture's sources, or the one data set."""
+    return train_ds.datasets if isinstance(train_ds, MixedDataset) else [train_ds]
+
+
 @dataclass
 class Position:
     """Where the loop stands; all of it goes into a checkpoint's trainer state."""
@@ -114,8 +119,8 @@ class StageRun:
         return isinstance(self.optimizer.optimizer, OffloadAdamW)
 
     @property
-    def parts(self) -> list:  # the training data sets (a mixture's sources)
-        return self.train_ds.datasets if isinstance(self.train_ds, MixedDataset) else [self.train_ds]
+    def parts(self) -> list:
+        return sources(self.train_ds)
 
     @property
     def lazy_parts(self) -> list:
@@ -134,8 +139,7 @@ def prepare(cfg, stage, accelerator, init, root, stop, resume) -> StageRun:
     bad = BadSamples()
     max_len = min(cfg.data.max_len, model.cfg.lm.max_seq_len)
     train_ds, val_ds = load_splits(cfg.data, root, stage.task, encoder, processor, max_len, bad, cfg.seed)
-    parts = train_ds.datasets if isinstance(train_ds, MixedDataset) else [train_ds]
-    if not any(isinstance(d, LazyChatDataset) for d in parts):  # every record was read: judge the data now
+    if not any(isinstance(d, LazyChatDataset) for d in sources(train_ds)):  # every record was read: judge the data now
         check_bad_fraction(bad, len(train_ds) + (len(val_ds) if val_ds else 0), cfg.data.max_bad_fraction)
     micro, accum, total = batch_plan(cfg, stage, accelerator.num_processes, len(train_ds))
     sampler, loader, val_loader = make_loaders(cfg, stage, accelerator, train_ds, val_ds, encoder.pad_id, micro)

@@ -19,6 +19,15 @@ from accelerate.optimizer import AcceleratedOptimizer
 from svlm.hardware import to_device
 
 
+def skips_on_device(optimizer) -> bool:
+    """Whether `optimizer` (torch's fused AdamW or OffloadAdamW; accelerate's
+    wrapper or not) can skip a bad step on the device, given `found_inf`."""
+    from svlm.training.optim import OffloadAdamW
+
+    inner = optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
+    return isinstance(inner, OffloadAdamW) or bool(getattr(inner, "defaults", {}).get("fused", False))
+
+
 def train_step(
     accelerator: Accelerator,
     model,
