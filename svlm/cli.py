@@ -82,12 +82,12 @@ def run_train(cfg: DictConfig) -> None:
 
 
 def run_eval(cfg: DictConfig) -> None:
-    from svlm.evaluation import evaluate
+    from svlm.evaluation.evaluate import evaluate
 
     _guard(lambda: evaluate(load_eval_config(cfg)))
 
 
 def run_infer(cfg: DictConfig) -> None:
-    from svlm.inference import ask
+    from svlm.inference.ask import ask
 
     _guard(lambda: ask(load_infer_config(cfg)))

@@ -18,7 +18,7 @@ from svlm.data.chat import JINJA_TEMPLATE, ChatEncoder, render
 from svlm.errors import ConfigError
 from svlm.export import check_exportable, export_model, import_model
 from svlm.export.__main__ import main
-from svlm.generation import generate
+from svlm.inference.generation import generate
 from svlm.model_folder import load_model
 from svlm.models.language_model import LMConfig
 from svlm.models.projector import ProjectorConfig
@@ -135,7 +135,7 @@ def test_logits_match(exported, shapes_root):
 
 
 def _greedy_both(model, tokenizer, out, image, n=12):
-    """Greedy answers of ours (svlm.generation) and of transformers' generate."""
+    """Greedy answers of ours (svlm.inference.generation) and of transformers' generate."""
     llava = _load(out)
     processor = AutoProcessor.from_pretrained(out)
     end = tokenizer.convert_tokens_to_ids("<|end|>")

@@ -10,7 +10,7 @@ import pytest
 from conftest import compose, path_overrides
 
 from svlm.config import load_eval_config, load_train_config
-from svlm.evaluation import evaluate
+from svlm.evaluation.evaluate import evaluate
 from svlm.training.loop import train
 
 

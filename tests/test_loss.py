@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from svlm.config import StageConfig
 from svlm.data.dataset import Collator
-from svlm.evaluation import validate
+from svlm.evaluation.evaluate import validate
 from svlm.flops import step_flops
 from svlm.models.language_model import LMConfig
 from svlm.models.projector import ProjectorConfig

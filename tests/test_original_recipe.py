@@ -18,8 +18,8 @@ from transformers import AutoTokenizer, Dinov2Config, Dinov2Model
 from svlm.cli import quote_free_text
 from svlm.config import load_eval_config, load_infer_config, load_train_config
 from svlm.errors import ConfigError
-from svlm.evaluation import evaluate
-from svlm.inference import ask
+from svlm.evaluation.evaluate import evaluate
+from svlm.inference.ask import ask
 from svlm.model_folder import load_model
 from svlm.models.vision import VisionConfig, VisionEncoder
 from svlm.models.vlm import VLM, VLMConfig

@@ -1,4 +1,4 @@
-"""Sample grids (svlm/samples.py): wrapping, labels and layout of the tiles, the
+"""Sample grids (svlm/evaluation/samples.py): wrapping, labels and layout of the tiles, the
 PNG itself, the font fallback, and the grids a tiny training writes at its
 validations (and logs to wandb offline)."""
 
@@ -10,9 +10,9 @@ import pytest
 from conftest import compose, path_overrides, tiny_train_overrides
 from PIL import Image, ImageFont
 
-from svlm import samples
+from svlm.evaluation import samples
 from svlm.config import ConfigError, load_train_config
-from svlm.samples import (
+from svlm.evaluation.samples import (
     HEADER,
     RIGHT,
     TILE_WIDTH,

@@ -537,7 +537,7 @@ def test_text_first_requests_get_the_answers_of_eval(answering_model, tmp_path, 
 
     from svlm.config import load_eval_config
     from svlm.data.chat import ChatEncoder
-    from svlm.evaluation import evaluate
+    from svlm.evaluation.evaluate import evaluate
 
     n, max_tokens = 6, 8
     overrides = ["data=shapes", *DATA_OVERRIDES, *path_overrides(tmp_path / "eval", cache_dir), "hardware=cpu"]

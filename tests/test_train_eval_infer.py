@@ -16,9 +16,9 @@ from conftest import DATA_OVERRIDES, REPO, compose, path_overrides, tiny_train_o
 
 from svlm.config import ConfigError, load_eval_config, load_infer_config, load_train_config
 from svlm.data.chat import ChatEncoder
-from svlm.evaluation import evaluate
-from svlm.generation import generate
-from svlm.inference import ask
+from svlm.evaluation.evaluate import evaluate
+from svlm.inference.ask import ask
+from svlm.inference.generation import generate
 from svlm.model_folder import load_model, resolve_model, save_model
 from svlm.models.language_model import KVCache
 from svlm.models.vision import ImageProcessor

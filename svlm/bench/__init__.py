@@ -188,7 +188,7 @@ def profile_steps(steps: Stepper, micro_batches: list[dict], device, folder: Pat
 
 @torch.no_grad()
 def generation_speed(model: VLM, device, new_tokens: int) -> dict:
-    from svlm.generation import generate
+    from svlm.inference.generation import generate
 
     model.eval()
     batch = synthetic_batch(model, 1, 8, device)

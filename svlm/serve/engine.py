@@ -26,8 +26,8 @@ import torch
 
 from svlm.config import HardwareConfig
 from svlm.data.chat import ChatEncoder
-from svlm.generation import TextStreamer, generate
 from svlm.hardware import autocast_for
+from svlm.inference.generation import TextStreamer, generate
 from svlm.models.vision import ImageProcessor
 from svlm.models.vlm import VLM
 from svlm.serve.config import LimitsConfig

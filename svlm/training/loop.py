@@ -32,11 +32,11 @@ from tqdm.auto import tqdm
 from svlm.config import ConfigError, StageConfig, TrainConfig
 from svlm.data.formats import check_bad_fraction
 from svlm.data.source import data_root
-from svlm.evaluation import validate
+from svlm.evaluation.evaluate import validate
+from svlm.evaluation.samples import sample_grid
 from svlm.hardware import make_accelerator
 from svlm.model_folder import is_model_folder, model_key, resolve_model
 from svlm.report import draw_curves
-from svlm.samples import sample_grid
 from svlm.training.checkpoint import (
     ENGINE_STATE,
     TRAINER_STATE,

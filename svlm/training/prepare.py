@@ -31,7 +31,7 @@ from svlm.data.feature_cache import cache_applies
 from svlm.data.formats import BadSamples, check_bad_fraction
 from svlm.data.sampler import EpochSampler
 from svlm.data.source import load_splits, train_files
-from svlm.evaluation import shard
+from svlm.evaluation.evaluate import shard
 from svlm.memory import CONTEXT_GIB, choose_optimizer
 from svlm.model_folder import load_model, model_key
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint

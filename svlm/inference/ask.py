@@ -11,8 +11,8 @@ import torch
 from svlm.config import InferConfig
 from svlm.data.chat import ChatEncoder
 from svlm.data.images import open_image
-from svlm.generation import TextStreamer, generate
 from svlm.hardware import autocast_for, pick_device
+from svlm.inference.generation import TextStreamer, generate
 from svlm.model_folder import load_model, resolve_model
 from svlm.models.vision import ImageProcessor
 

@@ -20,8 +20,8 @@ from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.dataset import ChatDataset, Collator
 from svlm.data.formats import BadSamples, DataError
 from svlm.data.source import data_root, image_dir, load_splits, split_file
-from svlm.generation import generate
 from svlm.hardware import autocast_for, pick_device
+from svlm.inference.generation import generate
 from svlm.model_folder import load_model, resolve_model
 from svlm.models.vision import ImageProcessor
 from svlm.models.vlm import VLM

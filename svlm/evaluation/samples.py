@@ -43,8 +43,8 @@ from svlm.atomic import new_file
 from svlm.data.chat import IGNORE, USER_TOKEN, ChatEncoder
 from svlm.data.formats import DataError
 from svlm.data.images import open_image
-from svlm.evaluation import normalize
-from svlm.generation import generate
+from svlm.evaluation.evaluate import normalize
+from svlm.inference.generation import generate
 from svlm.models.vision import ImageProcessor
 from svlm.models.vlm import VLM
 
