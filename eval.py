@@ -1,22 +1,20 @@
-"""Score a model: `python eval.py [ckpt=<folder>] [data=...]` (see conf/eval.yaml)."""
+"""Score a model: `python eval.py [ckpt=<folder>] [data=...]` (settings: conf/eval.yaml)."""
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
 import svlm  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+from svlm.cli import command
 
 
-@hydra.main(config_path="conf", config_name="eval", version_base="1.3")
+@command("eval")
 def main(cfg: DictConfig) -> None:
-    from svlm.cli import run_eval
+    from svlm.config import load_eval_config
+    from svlm.evaluation.evaluate import evaluate
 
-    run_eval(cfg)
+    evaluate(load_eval_config(cfg))
 
 
 if __name__ == "__main__":
-    from svlm.cli import quote_free_text
-
-    sys.argv = quote_free_text(sys.argv)  # prompt=这张图里有什么？ etc. need Hydra quoting
-    main()
+    sys.exit(main())

@@ -1,22 +1,20 @@
-"""Ask a model: `python infer.py image=photo.jpg prompt="..."` (see conf/infer.yaml)."""
+"""Ask a model: `python infer.py image=photo.jpg prompt="..."` (settings: conf/infer.yaml)."""
 
 import sys
 
-import hydra
 from omegaconf import DictConfig
 
 import svlm  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+from svlm.cli import command
 
 
-@hydra.main(config_path="conf", config_name="infer", version_base="1.3")
+@command("infer")
 def main(cfg: DictConfig) -> None:
-    from svlm.cli import run_infer
+    from svlm.config import load_infer_config
+    from svlm.inference.ask import ask
 
-    run_infer(cfg)
+    ask(load_infer_config(cfg))
 
 
 if __name__ == "__main__":
-    from svlm.cli import quote_free_text
-
-    sys.argv = quote_free_text(sys.argv)  # prompt=这张图里有什么？ etc. need Hydra quoting
-    main()
+    sys.exit(main())

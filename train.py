@@ -1,17 +1,21 @@
-"""Train SVLM: `python train.py [group=option ...] [key=value ...]` (see conf/train.yaml)."""
+"""Train SVLM: `python train.py [group=option ...] [key=value ...]`, a sweep with
+`python train.py -m stage.lr=1e-4,3e-4` (settings: conf/train.yaml)."""
 
-import hydra
+import sys
+
 from omegaconf import DictConfig
 
 import svlm  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+from svlm.cli import command
 
 
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@command("train")
 def main(cfg: DictConfig) -> None:
-    from svlm.cli import run_train
+    from svlm.config import load_train_config
+    from svlm.training.loop import train
 
-    run_train(cfg)
+    train(load_train_config(cfg))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -51,8 +51,8 @@ def encoder_folder(folder: Path) -> Path:
 
 def config(folder: Path, name: str, cached: bool, args):
     """The TrainConfig of one run: train.py's config with these overrides."""
-    from svlm.cli import compose_train
-    from svlm.config import StageConfig
+    from svlm.cli import compose
+    from svlm.config import StageConfig, load_train_config
 
     overrides = [
         f"model={args.model}",
@@ -83,7 +83,7 @@ def config(folder: Path, name: str, cached: bool, args):
     ]
     if "sample_grid" in {f.name for f in dataclasses.fields(StageConfig)}:
         overrides.append("stage.sample_grid=0")
-    return compose_train(overrides)
+    return load_train_config(compose("train", overrides))
 
 
 def samples_per_s(metrics: Path, batch: int) -> float:

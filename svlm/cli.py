@@ -1,17 +1,40 @@
-"""What the entry scripts call: typed config in, one call into svlm, clear
-one-line errors out (no traceback for a wrong setting or a missing file)."""
+"""The command layer: how every command starts and ends.
+
+Each command (train.py, eval.py, infer.py, and each `python -m svlm.<tool>`) is
+a Hydra main over its own config in conf/ (conf/<name>.yaml, run folder
+<paths.outputs>/<name>/<time>), made by `@command("<name>")` over its task function:
+
+- `-h`/`--help` prints the command's docstring, then its config groups and
+  every setting with its default (conf/hydra/default.yaml has the layout);
+- a wrong override, a wrong setting or a missing file is one line on stderr,
+  `error: ...`, and exit status 2; set HYDRA_FULL_ERROR=1 for the traceback;
+- free-text values (`prompt=这张图里有什么？`) reach Hydra quoted.
+
+No library module imports this one (tests/test_layout.py).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-from svlm.config import ConfigError, load_eval_config, load_infer_config, load_train_config
 from svlm.data.formats import DataError
+from svlm.errors import ConfigError
+from svlm.training.signals import TrainingStopped
 
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
 FREE_TEXT_KEYS = ("prompt", "image", "ckpt")
+FULL_ERROR = "HYDRA_FULL_ERROR"
 
 
 def quote_free_text(args: list[str], keys: tuple[str, ...] = FREE_TEXT_KEYS) -> list[str]:
@@ -29,65 +52,100 @@ def quote_free_text(args: list[str], keys: tuple[str, ...] = FREE_TEXT_KEYS) -> 
     return out
 
 
-def _guard(fn: Callable[[], object]) -> None:
+def one_line(error: BaseException) -> str:
+    """Hydra's and OmegaConf's messages span lines (and list the search path): one line."""
+    message = " ".join(str(error).split()).split(" Config search path")[0]
+    cause = error.__cause__
+    if isinstance(cause, OmegaConfBaseException) and str(cause).split("\n")[0] not in message:
+        message += f" ({str(cause).splitlines()[0]})"
+    return message
+
+
+def command(
+    config_name: str,
+    free_text: tuple[str, ...] = FREE_TEXT_KEYS,
+    positional: str | None = None,
+    doc: str | None = None,
+) -> Callable[[Callable[[DictConfig], None]], Callable[..., int]]:
+    """Make `task(cfg)` a command over conf/<config_name>.yaml: a Hydra main that
+    takes `argv` (default: the command line) and gives the exit status; the task
+    ends with `sys.exit(status)` for a verdict other than success.
+    `positional`: the key a lone bare argument sets (`python -m svlm.report
+    <folder>` is `sweep=<folder>`). `--help` starts with `doc`, by default the
+    task's module docstring."""
+
+    def wrap(task: Callable[[DictConfig], None]) -> Callable[..., int]:
+        usage = doc or task.__globals__.get("__doc__") or ""
+        traceback_asked = False  # the user set HYDRA_FULL_ERROR=1
+
+        def job(cfg: DictConfig) -> None:  # inside Hydra: a user's error ends the run (a sweep too) here
+            try:
+                task(cfg)
+            except TrainingStopped as e:
+                print(str(e), file=sys.stderr if e.exit_code else sys.stdout)
+                raise SystemExit(e.exit_code) from None
+            except USER_ERRORS as e:
+                if traceback_asked:
+                    raise
+                print(f"error: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
+
+        hydra_main = hydra.main(config_path=CONF, config_name=config_name, version_base="1.3")(job)
+
+        def main(argv: list[str] | None = None) -> int:
+            nonlocal traceback_asked
+            traceback_asked = os.environ.get(FULL_ERROR) == "1"
+            args = list(sys.argv[1:] if argv is None else argv)
+            bare = [i for i, a in enumerate(args) if "=" not in a and not a.startswith("-")]
+            if positional and len(bare) == 1:
+                args[bare[0]] = f"{positional}={args[bare[0]]}"
+            if any(a in ("-h", "--help") for a in args):
+                print(usage.strip() + "\n")
+            try:
+                with hydra_session(quote_free_text(args, free_text)):
+                    hydra_main()
+                return 0
+            except SystemExit as e:  # --help, Hydra's flag errors, the job's own status
+                return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except (HydraException, OmegaConfBaseException) as e:  # composing: a bad override or key
+                if traceback_asked:
+                    raise
+                print(f"error: {one_line(e)}", file=sys.stderr)
+                return 2
+
+        main.__doc__ = usage
+        return main
+
+    return wrap
+
+
+@contextmanager
+def hydra_session(args: list[str]) -> Iterator[None]:
+    """Hydra reads sys.argv (a test calls `main([...])` in-process). On a failed
+    composition it prints a hint and exits 1; with its full-error flag it raises
+    instead, so `command` can make the message one line."""
+    saved_argv, saved_flag = sys.argv, os.environ.get(FULL_ERROR)
+    sys.argv = [saved_argv[0], *args]
+    os.environ[FULL_ERROR] = "1"
     try:
-        fn()
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        yield
+    finally:
+        sys.argv = saved_argv
+        if saved_flag is None:
+            os.environ.pop(FULL_ERROR)
+        else:
+            os.environ[FULL_ERROR] = saved_flag
+        GlobalHydra.instance().clear()
 
 
-def command(doc: str, body: Callable[[list[str]], int], argv: list[str] | None = None, errors: tuple = ()) -> int:
-    """The main of a `python -m svlm.<tool>`: -h/--help prints the tool's docstring;
-    `body(args)` gives the exit status; a wrong setting or a missing file (or one of
-    `errors`) is one line on stderr and status 2."""
-    args = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in args):
-        print(doc)
-        return 0
-    try:
-        return body(args)
-    except (ConfigError, DataError, FileNotFoundError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """A command's config with these overrides, composed outside a Hydra run (the
+    benchmark scripts); `paths.run_dir` must be among them (no Hydra run folder)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
-
-def compose_train(overrides: list[str]):
-    """train.py's TrainConfig (conf/train.yaml) with these overrides, composed
-    outside a Hydra run (the tools that take train.py's overrides)."""
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         try:
-            cfg = compose("train", overrides)
-        except HydraException as e:  # an unknown key or option, a malformed override: one line, no traceback
-            message = " ".join(str(e).split()).split(" Config search path")[0]
-            raise ConfigError(message) from None
-        return load_train_config(cfg)
-
-
-def run_train(cfg: DictConfig) -> None:
-    from svlm.training.loop import train
-    from svlm.training.signals import TrainingStopped
-
-    try:
-        _guard(lambda: train(load_train_config(cfg)))
-    except TrainingStopped as e:
-        print(str(e), file=sys.stderr if e.exit_code else sys.stdout)
-        sys.exit(e.exit_code)
-
-
-def run_eval(cfg: DictConfig) -> None:
-    from svlm.evaluation.evaluate import evaluate
-
-    _guard(lambda: evaluate(load_eval_config(cfg)))
-
-
-def run_infer(cfg: DictConfig) -> None:
-    from svlm.inference.ask import ask
-
-    _guard(lambda: ask(load_infer_config(cfg)))
+            return hydra_compose(config_name, overrides)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise ConfigError(one_line(e)) from None

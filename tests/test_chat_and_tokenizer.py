@@ -16,7 +16,8 @@ from svlm.data.chat import (
     render,
 )
 from svlm.errors import ConfigError
-from svlm.tokenizer import load_tokenizer, main, train_bpe
+from svlm.tokenizer import load_tokenizer, train_bpe
+from svlm.tokenizer.__main__ import main
 
 SINGLE = [("user", "<image>\nWhat colour is the shape?"), ("assistant", "red")]
 MULTI = [
@@ -192,18 +193,9 @@ def test_load_tokenizer_errors(tmp_path):
 
 def test_cli_train(shapes_root, tmp_path, capsys):
     out = tmp_path / "cli-tok"
-    main(
-        [
-            "train",
-            "--data",
-            str(shapes_root / "pretrain_train.jsonl"),
-            str(shapes_root / "sft_train.jsonl"),
-            "--vocab-size",
-            "300",
-            "--out",
-            str(out),
-        ]
-    )
+    files = f"[{shapes_root / 'pretrain_train.jsonl'},{shapes_root / 'sft_train.jsonl'}]"
+    code = main([f"files={files}", "vocab_size=300", f"out={out}", f"paths.outputs={tmp_path / 'outputs'}"])
+    assert code == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == {"out": str(out), "vocab_size": 300}
     tok = load_tokenizer(out)

@@ -136,3 +136,32 @@ def test_both_stages_compose_from_their_files():
         stage = OmegaConf.to_container(compose("train", ["stage=both", *experiment, *NOT_COMPOSED]).stage)
         for key, file in zip(("stage1", "stage2"), files):
             assert stage[key] == effective(CONF / f"{file}.yaml"), (experiment, key)
+
+
+def test_the_tools_defaults_are_their_dataclass_defaults(monkeypatch):
+    """Each tool's conf/<tool>.yaml equals its dataclass (the required keys given);
+    the tools that take train.py's overrides compose train.yaml itself."""
+    from svlm.bench import BenchConfig
+    from svlm.data.shapes.__main__ import PictureConfig
+    from svlm.export import ExportConfig
+    from svlm.report.__main__ import ReportConfig
+    from svlm.tokenizer.__main__ import TrainTokenizerConfig
+
+    monkeypatch.delenv("SVLM_CACHE", raising=False)
+    train = OmegaConf.to_container(compose("train", NOT_COMPOSED), resolve=True)
+    for command in ("bench", "memory", "check"):
+        values = OmegaConf.to_container(compose(command, NOT_COMPOSED), resolve=True)
+        bench = values.pop("bench", None)
+        assert values == train, command
+        assert own(CONF / f"{command}.yaml").keys() <= {"bench"}, f"{command}.yaml restates train.yaml"
+    bench = OmegaConf.to_container(compose("bench", NOT_COMPOSED).bench)
+    assert plain(build(BenchConfig, bench, "bench")) == plain(BenchConfig())
+    required = {"export": ["out=x"], "report": ["sweep=x"], "tokenizer": ["files=[x]", "out=x"], "shapes": ["out=x"]}
+    for command, cls in (("export", ExportConfig), ("report", ReportConfig), ("tokenizer", TrainTokenizerConfig),
+                         ("shapes", PictureConfig)):  # fmt: skip
+        given = [*required[command], *NOT_COMPOSED]
+        values = OmegaConf.to_container(compose(command, given), resolve=True)
+        given_values = {k: yaml.safe_load(v) for k, v in (o.split("=") for o in required[command])}
+        expected = plain(cls(**given_values, paths=PathsConfig(run_dir="unused")))
+        assert plain(build(cls, values)) == expected, command
+        assert "paths" not in own(CONF / f"{command}.yaml")

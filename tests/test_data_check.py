@@ -55,7 +55,7 @@ def _check(root: Path, tmp_path: Path, capsys, *extra: str) -> tuple[int, dict, 
     code = check_main([
         "data.kind=files", f"data.root={root}", "data.train_file=train.jsonl", "data.val_file=null",
         "data.test_file=null", "stage=stage1", "data.max_len=256", "tokenizer.vocab_size=300",
-        f"paths.cache={tmp_path}/cache", f"paths.run_dir={tmp_path}/check", *extra,
+        f"paths.cache={tmp_path}/cache", f"paths.run_dir={tmp_path}/check", f"paths.outputs={tmp_path}/outputs", *extra,
     ])  # fmt: skip
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "check" / "report.json").read_text())
@@ -92,7 +92,14 @@ def test_checker_passes_clean_data(shapes_root, tmp_path, capsys):
 
 
 def test_checker_config_error(tmp_path, capsys):
-    code = check_main(["data.kind=files", f"data.root={tmp_path}/nowhere", f"paths.run_dir={tmp_path}/c"])
+    code = check_main(
+        [
+            "data.kind=files",
+            f"data.root={tmp_path}/nowhere",
+            f"paths.run_dir={tmp_path}/c",
+            f"paths.outputs={tmp_path}/outputs",
+        ]
+    )
     assert code == 2 and "data.root" in capsys.readouterr().err
 
 

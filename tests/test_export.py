@@ -49,7 +49,7 @@ def exported(request, tmp_path_factory, cache_dir, shapes_root):
     overrides = [*tiny_train_overrides("both"), *path_overrides(base, cache_dir), *FORMATS[request.param]]
     _, model_dir = train(load_train_config(compose("train", overrides)))
     out = base / request.param
-    assert main([f"ckpt={model_dir}", f"out={out}"]) == 0
+    assert main([f"ckpt={model_dir}", f"out={out}", f"paths.outputs={base / 'outputs'}"]) == 0
     model, tokenizer, _ = load_model(model_dir)
     return model, tokenizer, out
 
@@ -297,13 +297,13 @@ def test_cli_refuses_and_writes_nothing(tokenizer, tmp_path, capsys):
 
     model = _small_vlm(tokenizer, projector={"compress": "pixel_shuffle", "factor": 2, "norm": False})
     folder = save_model(tmp_path / "model", model, tokenizer, {"stage": "stage1"})
-    assert main([f"ckpt={folder}", f"out={tmp_path / 'llava'}"]) == 2
+    assert main([f"ckpt={folder}", f"out={tmp_path / 'llava'}", f"paths.outputs={tmp_path / 'outputs'}"]) == 2
     err = capsys.readouterr().err
     assert "cannot be exported to transformers' LLaVA format" in err
     assert "pixel_shuffle token compression (model.projector.compress=pixel_shuffle)" in err
     assert "model.vision.feature_layer=null" in err
     assert not (tmp_path / "llava").exists()
-    assert main([f"ckpt={folder}"]) == 2  # out is required
+    assert main([f"ckpt={folder}", f"paths.outputs={tmp_path / 'outputs'}"]) == 2  # out is required
     assert "out=<folder> is required" in capsys.readouterr().err
 
 

@@ -10,8 +10,8 @@ import pytest
 from conftest import compose, path_overrides, tiny_train_overrides
 from PIL import Image, ImageFont
 
-from svlm.evaluation import samples
 from svlm.config import ConfigError, load_train_config
+from svlm.evaluation import samples
 from svlm.evaluation.samples import (
     HEADER,
     RIGHT,

@@ -319,5 +319,6 @@ def test_multirun(tmp_path, cache_dir, shapes_root):
 def test_report_command_errors(tmp_path):
     from svlm.report.__main__ import main as report_main
 
-    assert report_main([str(tmp_path / "nowhere")]) == 2
-    assert report_main([str(tmp_path)]) == 2  # no job folders
+    outputs = f"paths.outputs={tmp_path / 'outputs'}"
+    assert report_main([str(tmp_path / "nowhere"), outputs]) == 2
+    assert report_main([str(tmp_path), outputs]) == 2  # no job folders

@@ -1,18 +1,17 @@
-"""`python -m svlm.bench [train.py overrides] [bench.*]`: the benchmark's command (svlm/bench/__init__.py)."""
+"""`python -m svlm.bench [train.py overrides] [bench.*]`: the benchmark's command
+(settings: conf/bench.yaml; the benchmark: svlm/bench/__init__.py)."""
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import svlm.bench
 from svlm.bench import BenchConfig, run
-from svlm.cli import command, compose_train
-from svlm.config import build
+from svlm.cli import command
 
 
 def print_table(r: dict) -> None:
@@ -43,22 +42,19 @@ def print_table(r: dict) -> None:
           f"estimate (python -m svlm.memory): {r['estimate_gib']:.2f} GiB")  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    def body(args: list[str]) -> int:
-        bench_args = [a.removeprefix("bench.") for a in args if a.startswith("bench.")]
-        train_args = [a for a in args if not a.startswith("bench.")]
-        out = Path("outputs") / "bench" / time.strftime("%Y-%m-%d_%H-%M-%S")
-        cfg = compose_train([f"paths.run_dir={out}", *train_args])
-        raw = OmegaConf.to_container(OmegaConf.from_dotlist(bench_args)) if bench_args else {}
-        results = run(cfg, build(BenchConfig, raw, "bench"))
-        print_table(results)
-        out = Path(cfg.paths.run_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps(results, indent=2))
-        print(f"figures: {out / 'bench.json'}")
-        return 0
+@command("bench", doc=svlm.bench.__doc__)
+def main(cfg: DictConfig) -> None:
+    from svlm.config import build, load_train_config
 
-    return command(svlm.bench.__doc__, body, argv)
+    with open_dict(cfg):
+        bench = build(BenchConfig, OmegaConf.to_container(cfg.pop("bench"), resolve=True), "bench")
+    train_cfg = load_train_config(cfg)
+    results = run(train_cfg, bench)
+    print_table(results)
+    out = Path(train_cfg.paths.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2))
+    print(f"figures: {out / 'bench.json'}")
 
 
 if __name__ == "__main__":

@@ -1,24 +1,23 @@
-"""`python -m svlm.export ckpt=... out=...` (or from_llava=...): the export's command (svlm/export/__init__.py)."""
+"""`python -m svlm.export ckpt=... out=...` (or from_llava=...): the export's command
+(settings: conf/export.yaml; the export: svlm/export/__init__.py)."""
 
 from __future__ import annotations
 
 import sys
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 import svlm.export
 from svlm.cli import command
-from svlm.config import build
-from svlm.export import ExportConfig, run
 
 
-def main(argv: list[str] | None = None) -> int:
-    def body(args: list[str]) -> int:
-        out = run(build(ExportConfig, OmegaConf.to_container(OmegaConf.from_dotlist(args))))
-        print(f"wrote {out}")
-        return 0
+@command("export", free_text=("ckpt", "out", "from_llava"), doc=svlm.export.__doc__)
+def main(cfg: DictConfig) -> None:
+    from svlm.config import build
+    from svlm.export import ExportConfig, run
 
-    return command(svlm.export.__doc__, body, argv)
+    out = run(build(ExportConfig, OmegaConf.to_container(cfg, resolve=True)))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

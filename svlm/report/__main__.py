@@ -1,24 +1,32 @@
-"""`python -m svlm.report <sweep folder>`: a sweep's table and curves (svlm/report/__init__.py)."""
+"""`python -m svlm.report <sweep folder>`: a sweep's table and curves
+(settings: conf/report.yaml; the report: svlm/report/__init__.py)."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig, OmegaConf
 
 import svlm.report
-from svlm.report import report
+from svlm.cli import command
+from svlm.config import PathsConfig, build
+from svlm.errors import ConfigError
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0] in ("-h", "--help"):
-        print(svlm.report.__doc__)
-        return 0 if args and args[0] in ("-h", "--help") else 2
-    try:
-        report(args[0])
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+@dataclass
+class ReportConfig:
+    sweep: str | None = None  # the sweep folder, e.g. outputs/multirun/<time>
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+    def __post_init__(self) -> None:
+        if self.sweep is None:
+            raise ConfigError("sweep=<folder> is required: the sweep to report, e.g. outputs/multirun/<time>")
+
+
+@command("report", free_text=("sweep",), positional="sweep", doc=svlm.report.__doc__)
+def main(cfg: DictConfig) -> None:
+    svlm.report.report(build(ReportConfig, OmegaConf.to_container(cfg, resolve=True)).sweep)
 
 
 if __name__ == "__main__":

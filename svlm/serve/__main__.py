@@ -1,33 +1,24 @@
-"""`python -m svlm.serve [ckpt=...] [port=8000] [serve.image_root=...]` (see conf/serve.yaml)."""
+"""Serve a model, OpenAI-compatible, with a web page: `python -m svlm.serve
+[ckpt=<folder>] [port=8000] [serve.image_root=<folder>]` (settings: conf/serve.yaml)."""
 
 import sys
-from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 import svlm  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
-from svlm.cli import quote_free_text
-
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
+from svlm.cli import command
 
 
-@hydra.main(config_path=CONF, config_name="serve", version_base="1.3")
+@command("serve", free_text=("ckpt", "serve.image_root", "model_name"))
 def main(cfg: DictConfig) -> None:
     import logging
 
     import uvicorn
 
-    from svlm.data.formats import DataError
-    from svlm.errors import ConfigError
     from svlm.serve import build_app, load_serve_config
 
-    try:
-        serve_cfg = load_serve_config(cfg)
-        app, folder = build_app(serve_cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    serve_cfg = load_serve_config(cfg)
+    app, folder = build_app(serve_cfg)
     where = f"http://{serve_cfg.host}:{serve_cfg.port}"
     logging.getLogger("svlm.serve").info(
         "serving %s as %r: web page %s/ , API %s/v1", folder, serve_cfg.model_name, where, where
@@ -40,5 +31,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = quote_free_text(sys.argv, ("ckpt", "serve.image_root", "model_name"))
-    main()
+    sys.exit(main())

@@ -1,37 +1,32 @@
-"""`python -m svlm.data.check [train.py overrides]`: the data checker's command (svlm/data/check/__init__.py)."""
+"""`python -m svlm.data.check [train.py overrides]`: the data checker's command
+(settings: conf/check.yaml; the checker: svlm/data/check/__init__.py)."""
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 import svlm.data.check
-from svlm.cli import compose_train, quote_free_text
-from svlm.data.check import check, print_report
-from svlm.data.formats import DataError
-from svlm.errors import ConfigError
+from svlm.cli import command
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = quote_free_text(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(svlm.data.check.__doc__)
-        return 0
-    out = Path("outputs") / "check" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    try:
-        cfg = compose_train([f"paths.run_dir={out}", *argv])
-        out = Path(cfg.paths.run_dir)
-        report = check(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+@command("check", doc=svlm.data.check.__doc__)
+def main(cfg: DictConfig) -> None:
+    from svlm.config import load_train_config
+    from svlm.data.check import check, print_report
+
+    train_cfg = load_train_config(cfg)
+    report = check(train_cfg)
     print_report(report)
+    out = Path(train_cfg.paths.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     print(f"report: {out / 'report.json'}")
-    return 1 if any(r["bad"] for r in report["files"]) else 0
+    if any(r["bad"] for r in report["files"]):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

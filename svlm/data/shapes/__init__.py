@@ -286,24 +286,3 @@ def build_shapes(spec: ShapesSpec, cache_dir: str | os.PathLike) -> Path:
         (tmp / "spec.json").write_text(json.dumps({"version": VERSION, **asdict(spec)}, indent=2))
         (tmp / "DONE").write_text("")
     return root
-
-
-def main(argv: list[str] | None = None) -> None:
-    """python -m svlm.data.shapes picture.png [--seed N] [--max-shapes K] [--size S]: draw one picture and
-    print its English and Chinese captions (handy for trying infer.py)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m svlm.data.shapes", description=main.__doc__)
-    p.add_argument("out", help="PNG file to write")
-    p.add_argument("--seed", type=int, default=None, help="default: a random picture")
-    p.add_argument("--max-shapes", type=int, default=1)
-    p.add_argument("--size", type=int, default=64, help="picture size in pixels")
-    args = p.parse_args(argv)
-    rng = random.Random(args.seed)
-    shapes = sample_shapes(args.max_shapes, rng)
-    draw(shapes, args.size, rng).save(args.out)
-    print(f"{args.out}: {caption(shapes, 'en')} / {caption(shapes, 'zh')}")
-
-
-if __name__ == "__main__":
-    main()

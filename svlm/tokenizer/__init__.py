@@ -2,14 +2,12 @@
 any local Hugging Face tokenizer folder. Both come out as a transformers
 `PreTrainedTokenizerFast` with the chat's special tokens and chat template.
 
-    python -m svlm.tokenizer train --data data.jsonl [more.jsonl ...] --vocab-size 6400 --out my-tokenizer
+    python -m svlm.tokenizer files=[data.jsonl,more.jsonl] vocab_size=6400 out=my-tokenizer
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -96,20 +94,3 @@ def tokenizer_for_data(cfg: TokenizerConfig, train_files: list[Path]) -> PreTrai
     with new_folder(folder, replace=False) as tmp:  # another run may train the same one at once
         tok.save_pretrained(tmp)
     return load_tokenizer(folder)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m svlm.tokenizer", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a byte-level BPE on the text of jsonl/json data files")
-    t.add_argument("--data", nargs="+", required=True, help="jsonl or json files")
-    t.add_argument("--vocab-size", type=int, default=6400)
-    t.add_argument("--out", required=True, help="folder to write (tokenizer.path loads it)")
-    args = p.parse_args(argv)
-    tok = train_bpe(texts_of(args.data), args.vocab_size)
-    tok.save_pretrained(args.out)
-    print(json.dumps({"out": args.out, "vocab_size": len(tok)}))
-
-
-if __name__ == "__main__":
-    main()
