@@ -22,9 +22,9 @@ from svlm.config import (
     PathsConfig,
     StageConfig,
     TrainConfig,
-    build,
 )
 from svlm.serve.config import ServeConfig
+from svlm.typed import build
 
 NOT_COMPOSED = ["paths.run_dir=unused"]  # Hydra's runtime folder: only a real run has one
 DEFAULTS = {  # group -> (its default option, the dataclass that holds the same defaults)

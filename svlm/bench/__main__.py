@@ -44,7 +44,8 @@ def print_table(r: dict) -> None:
 
 @command("bench", doc=svlm.bench.__doc__)
 def main(cfg: DictConfig) -> None:
-    from svlm.config import build, load_train_config
+    from svlm.config import load_train_config
+    from svlm.typed import build
 
     with open_dict(cfg):
         bench = build(BenchConfig, OmegaConf.to_container(cfg.pop("bench"), resolve=True), "bench")

@@ -65,8 +65,18 @@ class _Conversations(Dataset):
     Example into a training item (image opened and preprocessed, or its cached
     features looked up once `use_features` was called)."""
 
-    def __init__(self, image_dir, encoder: ChatEncoder, processor: ImageProcessor, max_len: int, on_error: str,
-                 bad: BadSamples | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        source,
+        image_dir: str | os.PathLike,
+        encoder: ChatEncoder,
+        processor: ImageProcessor,
+        max_len: int,
+        on_error: str = "skip",
+        bad: BadSamples | None = None,
+    ) -> None:
+        """`source`: what the data set reads (see `load`); images are found under
+        `image_dir`; bad records are skipped and counted in `bad`, or raised."""
         self.encoder, self.processor, self.max_len = encoder, processor, max_len
         self.image_dir = Path(image_dir)
         self.on_error = on_error
@@ -74,6 +84,10 @@ class _Conversations(Dataset):
         self.truncated: list[str] = []  # file:line of samples cut to max_len (kept: images and answers left)
         self.fetched = 0  # items asked for
         self.features = None  # a FeatureView: items carry vision_features instead of pixel_values
+        self.load(source)
+
+    def load(self, source) -> None:
+        raise NotImplementedError
 
     def example(self, i: int) -> Example:
         raise NotImplementedError
@@ -108,26 +122,17 @@ class _Conversations(Dataset):
 
 
 class ChatDataset(_Conversations):
-    """Every record encoded up front (files that fit in memory); images load lazily."""
+    """Every record of `files` (a list) encoded up front (files that fit in memory);
+    images load lazily."""
 
-    def __init__(
-        self,
-        files: list[str | os.PathLike],
-        image_dir: str | os.PathLike,
-        encoder: ChatEncoder,
-        processor: ImageProcessor,
-        max_len: int,
-        on_error: str = "skip",
-        bad: BadSamples | None = None,
-    ) -> None:
-        super().__init__(image_dir, encoder, processor, max_len, on_error, bad)
+    def load(self, files: list[str | os.PathLike]) -> None:
         self.examples: list[Example] = []
         for f in files:
-            for rec in read_records(f, on_error=on_error, bad=self.bad):
+            for rec in read_records(f, on_error=self.on_error, bad=self.bad):
                 try:
-                    example, cut = encode_record(rec, encoder, self.image_dir, max_len)
+                    example, cut = encode_record(rec, self.encoder, self.image_dir, self.max_len)
                 except DataError as e:
-                    if on_error == "raise":
+                    if self.on_error == "raise":
                         raise
                     self.bad.add(e)
                     continue
@@ -165,17 +170,7 @@ class LazyChatDataset(_Conversations):
     beside the file), and each record read, parsed and encoded when a batch needs
     it. Bad records are found then: reported, counted, and skipped (None) or raised."""
 
-    def __init__(
-        self,
-        file: str | os.PathLike,
-        image_dir: str | os.PathLike,
-        encoder: ChatEncoder,
-        processor: ImageProcessor,
-        max_len: int,
-        on_error: str = "skip",
-        bad: BadSamples | None = None,
-    ) -> None:
-        super().__init__(image_dir, encoder, processor, max_len, on_error, bad)
+    def load(self, file: str | os.PathLike) -> None:
         self.reader = RecordReader(file)
         self.index = line_index(file)  # (N, 2): byte offset, line number
         self.rows = np.arange(len(self.index))  # which lines this data set holds (a subset after split)

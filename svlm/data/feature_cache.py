@@ -43,7 +43,6 @@ nothing (new files: a run still reading the old ones keeps its own copy).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -57,6 +56,7 @@ import torch
 from tqdm.auto import tqdm
 
 from svlm.atomic import write_text
+from svlm.data.feature_keys import DTYPE, FORMAT_VERSION, FileHashes, encoder_key
 from svlm.data.formats import DataError
 from svlm.data.images import open_image
 from svlm.errors import ConfigError
@@ -66,13 +66,9 @@ try:
 except ImportError:  # Windows: no file lock; one run at a time per cache
     fcntl = None
 
-FORMAT_VERSION = 1  # bump when the layout, or what a stored row means, changes
-DTYPE = np.float16
 FILL_BATCH = 32  # images per encoder forward when filling the cache
 COMMIT_EVERY = 1024  # rows between index writes (or an eighth of the rows, if more): what a crash can lose
 FEATURES, INDEX, META, LOCK, HASHES = "features.f16", "index.json", "meta.json", "lock", "image_hashes.json"
-# DINOv2 config entries that do not change what the encoder computes.
-CONFIG_NOISE = {"transformers_version", "architectures", "dtype", "torch_dtype", "name_or_path"}
 
 
 def cache_applies(setting: bool | str, train_vision: bool, stage: str) -> bool:
@@ -85,76 +81,6 @@ def cache_applies(setting: bool | str, train_vision: bool, stage: str) -> bool:
             "set data.feature_cache=auto (cache only where the encoder is frozen) or false"
         )
     return not train_vision if setting == "auto" else bool(setting)
-
-
-# ------------------------------------------------------------------------- keys
-
-
-def encoder_key(vision, processor) -> str:
-    """The cache key of a VisionEncoder and its ImageProcessor (see the module docstring)."""
-    dinov2 = vision.dinov2.config.to_dict()
-    settings = {
-        "format": FORMAT_VERSION,
-        "dtype": np.dtype(DTYPE).name,
-        "vision": {k: v for k, v in dataclasses.asdict(vision.cfg).items() if k != "path"},
-        "dinov2": {k: v for k, v in dinov2.items() if k not in CONFIG_NOISE and not k.startswith("_")},
-        "processor": {
-            "class": type(processor).__qualname__,
-            "size": processor.size,
-            "mean": np.asarray(processor.mean).ravel().tolist(),
-            "std": np.asarray(processor.std).ravel().tolist(),
-        },
-    }
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    for name, t in sorted(vision.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()[:32]
-
-
-class FileHashes:
-    """Content hashes (sha256) of image files. A file is read once; later its hash
-    is reused while its size, modification time, change time and inode are the
-    same. Editing a file in place changes its change time (which no tool can set
-    back), so an edited image is read and hashed again."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            self.known = json.loads(path.read_text(encoding="utf-8"))
-            assert isinstance(self.known, dict)
-        except (OSError, ValueError, AssertionError):
-            self.known = {}  # none yet, or unreadable: hash again
-        self.changed = False
-
-    def digest(self, file: Path) -> str | None:
-        """The file's content hash, or None when it is not a readable file."""
-        try:
-            st = os.stat(file)
-        except OSError:
-            return None
-        name = os.path.abspath(file)
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-        seen = self.known.get(name)
-        if isinstance(seen, list) and seen[:4] == stamp:
-            return seen[4]
-        h = hashlib.sha256()
-        try:
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-        except OSError:
-            return None
-        digest = h.hexdigest()[:32]
-        self.known[name] = [*stamp, digest]
-        self.changed = True
-        return digest
-
-    def save(self) -> None:
-        if self.changed:  # several runs may save at once: the last one's table wins, none is torn
-            write_text(self.path, json.dumps(self.known))
-            self.changed = False
 
 
 # ------------------------------------------------------------------------ store

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from accelerate import PartialState
 from torch.utils.data import DataLoader, Subset
 
-from svlm.config import ConfigError, DataConfig, EvalConfig, build
+from svlm.config import ConfigError, DataConfig, EvalConfig
 from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.dataset import ChatDataset, Collator
 from svlm.data.formats import BadSamples, DataError
@@ -25,6 +25,7 @@ from svlm.inference.generation import generate
 from svlm.model_folder import load_model, resolve_model
 from svlm.models.vision import ImageProcessor
 from svlm.models.vlm import VLM
+from svlm.typed import build
 
 
 def sum_over_processes(values: list[float]) -> list[float]:

@@ -13,8 +13,8 @@ from svlm.cli import command
 
 @command("export", free_text=("ckpt", "out", "from_llava"), doc=svlm.export.__doc__)
 def main(cfg: DictConfig) -> None:
-    from svlm.config import build
     from svlm.export import ExportConfig, run
+    from svlm.typed import build
 
     out = run(build(ExportConfig, OmegaConf.to_container(cfg, resolve=True)))
     print(f"wrote {out}")

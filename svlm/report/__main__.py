@@ -10,8 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 
 import svlm.report
 from svlm.cli import command
-from svlm.config import PathsConfig, build
+from svlm.config import PathsConfig
 from svlm.errors import ConfigError
+from svlm.typed import build
 
 
 @dataclass

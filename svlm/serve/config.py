@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from svlm.config import HardwareConfig, PathsConfig, build, to_plain
+from svlm.config import HardwareConfig, PathsConfig
 from svlm.errors import ConfigError
+from svlm.typed import build, to_plain
 
 
 @dataclass

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 
 from svlm.cli import command
-from svlm.config import PathsConfig, build
+from svlm.config import PathsConfig
 from svlm.errors import ConfigError
+from svlm.typed import build
 
 
 @dataclass

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from svlm.config import ConfigError, TrainConfig, build
+from svlm.config import ConfigError, TrainConfig
 from svlm.model_folder import MODEL_FILES, save_model
+from svlm.typed import build
 
 TRAINER_STATE = "trainer_state.pt"
 ENGINE_STATE = "engine_state"  # FSDP / DeepSpeed: each process's optimizer shard (accelerate's save_state)
