@@ -34,7 +34,14 @@ META = "svlm.json"
 
 # Model settings added after models were trained, with the value that means
 # "as before": left out of the key at that value, so older models keep their key.
-LATER_KEYS = {("vision", "feature_layer"): None, ("image_placement",): "first"}
+LATER_KEYS = {
+    ("vision", "feature_layer"): None,
+    ("image_placement",): "first",
+    ("lm", "rope_scaling"): None,
+    ("lm", "head_size"): None,
+    ("lm", "qkv_bias"): None,
+    ("lm", "qk_norm"): False,
+}
 
 
 def model_key(model_cfg: dict) -> str:

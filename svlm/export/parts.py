@@ -51,6 +51,10 @@ def lm_problems(lm: LMConfig) -> list[str]:
         problems.append("the mixture of experts (model.lm.mlp=moe): Llama's feed-forward is one SwiGLU")
     elif lm.mlp != "swiglu":
         problems.append(f"the {lm.mlp} feed-forward (model.lm.mlp={lm.mlp}): Llama's is SwiGLU")
+    if lm.qk_norm:
+        problems.append("the RMSNorm of queries and keys (model.lm.qk_norm=true): Llama has none")
+    if lm.qkv_bias is not None and lm.qkv_bias != lm.bias:
+        problems.append(f"q/k/v biases unlike the other layers' (model.lm.qkv_bias={lm.qkv_bias}, model.lm.bias={lm.bias})")
     return problems
 
 
@@ -72,7 +76,7 @@ def llama_config(model: VLM, tokenizer):
         **{theirs: getattr(lm, ours) for ours, theirs in _LLAMA_FIELDS.items()},
         head_dim=lm.head_dim,
         hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": lm.rope_theta},
+        rope_parameters={"rope_type": "default", "rope_theta": lm.rope_theta, **(lm.rope_scaling or {})},
         attention_bias=lm.bias,
         mlp_bias=lm.bias,
         tie_word_embeddings=lm.tie_embeddings,

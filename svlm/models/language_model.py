@@ -5,7 +5,9 @@ feed-forward (SwiGLU, GELU or mixture of experts), the block, the model.
 
 References:
 - nanoGPT (Karpathy): the overall shape of a small GPT in one file.
-- "RoFormer" (Su et al., 2021) for rotary position embeddings (RoPE).
+- "RoFormer" (Su et al., 2021) for rotary position embeddings (RoPE; svlm/models/rope.py).
+- Qwen2 (biases on q/k/v) and Qwen3 (RMSNorm of each head's queries and keys):
+  the parts that real checkpoints of those families need (svlm/models/pretrained.py).
 - "GQA" (Ainslie et al., 2023): fewer key/value heads than query heads.
 - "GLU Variants Improve Transformer" (Shazeer, 2020) for SwiGLU.
 - "Switch Transformers" (Fedus et al., 2021) for the load-balancing loss;
@@ -26,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from svlm.models.rope import SCALINGS, apply_rope, rope_tables
+
 
 @dataclass
 class LMConfig:
@@ -40,6 +44,10 @@ class LMConfig:
     norm_eps: float = 1e-5
     pos: Literal["rope", "learned"] = "rope"
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3.1's {"rope_type": "llama3", "factor", ...}; None: plain RoPE
+    head_size: int | None = None  # None: d_model / n_heads (Qwen3 sets its own)
+    qkv_bias: bool | None = None  # biases on q/k/v (Qwen2); None: as `bias`
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys before RoPE (Qwen3)
     mlp: Literal["swiglu", "gelu", "moe"] = "swiglu"
     bias: bool = False
     dropout: float = 0.0
@@ -58,7 +66,7 @@ class LMConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.d_model % self.n_heads:
+        if self.head_size is None and self.d_model % self.n_heads:
             raise ValueError(
                 f"model.lm.d_model ({self.d_model}) must be divisible by model.lm.n_heads ({self.n_heads})"
             )
@@ -67,7 +75,10 @@ class LMConfig:
                 f"model.lm.n_heads ({self.n_heads}) must be a multiple of model.lm.n_kv_heads ({self.n_kv_heads})"
             )
         if self.pos == "rope" and (self.d_model // self.n_heads) % 2:
-            raise ValueError("model.lm.pos=rope needs an even head size (d_model / n_heads)")
+            raise ValueError("model.lm.pos=rope needs an even head size (d_model / n_heads, or head_size)")
+        scaling = (self.rope_scaling or {}).get("rope_type")
+        if self.rope_scaling is not None and scaling not in SCALINGS:
+            raise ValueError(f"model.lm.rope_scaling: rope_type {scaling!r} is not supported (supported: {SCALINGS})")
         if self.mlp == "moe" and not 1 <= self.moe_top_k <= self.moe_experts:
             raise ValueError(
                 f"model.lm.moe_top_k ({self.moe_top_k}) must be between 1 and model.lm.moe_experts ({self.moe_experts})"
@@ -82,7 +93,7 @@ class LMConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_size if self.head_size is not None else self.d_model // self.n_heads
 
     @property
     def embed_dim(self) -> int:
@@ -109,23 +120,6 @@ def make_norm(cfg: LMConfig, dim: int | None = None) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(dim, cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
-
-
-# -------------------------------------------------------------------- positions
-
-
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (max_len, head_dim // 2)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of x: (B, nh, T, hs); cos/sin: (T, hs/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.type_as(x)
 
 
 # -------------------------------------------------------------------- attention
@@ -157,9 +151,12 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.use_rope = cfg.pos == "rope"
@@ -173,8 +170,11 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """past: how many earlier positions the cache holds (0 without a cache)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         if self.use_rope:
             cos, sin = rope
@@ -311,7 +311,7 @@ class LanguageModel(nn.Module):
             )
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos == "learned" else None
         if cfg.pos == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)

@@ -1,0 +1,188 @@
+"""Pretrained language models from transformers checkpoint folders, loaded into
+our own decoder (svlm/models/language_model.py), the way nanoGPT's
+`GPT.from_pretrained` loads GPT-2: the shape is read from config.json, the
+weights from the safetensors files, tensor by tensor, into our modules. No
+transformers model object is built on the way, and the model is first made on
+the meta device, so a checkpoint is in memory once.
+
+Families (config.json `architectures`):
+- LlamaForCausalLM: Llama 2 and 3.x (with `rope_type: llama3`), SmolLM/SmolLM2, TinyLlama;
+- Qwen2ForCausalLM: Qwen2 and Qwen2.5 (biases on q/k/v);
+- Qwen3ForCausalLM: per-head RMSNorm of queries and keys, its own head size;
+- MistralForCausalLM: where its sliding window does not bind (none, or at
+  least `max_seq_len`).
+
+Our decoder rotates (first half, second half) pairs, transformers'
+`rotate_half` convention, so q_proj and k_proj load as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from svlm.errors import ConfigError
+from svlm.models.language_model import LanguageModel, LMConfig
+from svlm.models.rope import SCALINGS, rope_tables
+
+FAMILIES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+# LMConfig fields -> their config.json names, in every family.
+FIELDS = {
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "d_ff": "intermediate_size",
+    "norm_eps": "rms_norm_eps",
+}
+# Our block's parts -> theirs (layers.<i>.<part>.<rest>).
+PARTS = {"attn_norm": "input_layernorm", "attn": "self_attn", "mlp_norm": "post_attention_layernorm", "mlp": "mlp"}
+
+
+def read_config(folder: str | Path) -> dict:
+    """config.json of a causal-LM folder of a supported family, or a ConfigError naming the folder."""
+    folder = Path(folder)
+    file = folder / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"model.lm.path={folder}: no config.json there (a transformers causal-LM folder is expected)")
+    try:
+        config = json.loads(file.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    family = (config.get("architectures") or ["?"])[0]
+    if family not in FAMILIES:
+        raise ConfigError(
+            f"model.lm.path={folder}: {family} (config.json architectures) is not a supported causal LM; "
+            f"supported: {', '.join(FAMILIES)}"
+        )
+    return config
+
+
+def rope_of(config: dict, folder: Path) -> tuple[float, dict | None]:
+    """(theta, scaling) from either layout: transformers 5's `rope_parameters`,
+    or the older `rope_theta` + `rope_scaling` of most hub folders."""
+    params = dict(config.get("rope_parameters") or {})
+    theta = float(params.pop("rope_theta", config.get("rope_theta", 10000.0)))
+    scaling = config.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    if scaling is None:
+        return theta, None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return theta, None
+    if kind not in SCALINGS:
+        raise ConfigError(
+            f"model.lm.path={folder}: rope_scaling type {kind!r} is not supported (supported: {SCALINGS})"
+        )
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return theta, {"rope_type": kind, **{k: scaling[k] for k in keys}}
+
+
+def lm_config(folder: str | Path, max_seq_len: int | None = None) -> LMConfig:
+    """Our LMConfig for a checkpoint folder. `max_seq_len`: the longest sequence
+    to run (default: the folder's max_position_embeddings)."""
+    folder = Path(folder)
+    config = read_config(folder)
+    family, problems = config["architectures"][0], []
+    if config.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={config['hidden_act']} (SwiGLU needs silu)")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        problems.append("attention_bias/mlp_bias=true (biases on o_proj or the MLP)")
+    if config.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append(f"partial_rotary_factor={config['partial_rotary_factor']}")
+    longest = config.get("max_position_embeddings", max_seq_len)
+    max_seq_len = max_seq_len or longest
+    if max_seq_len > longest:
+        problems.append(f"model.lm.max_seq_len={max_seq_len} is longer than max_position_embeddings={longest}")
+    window = config.get("sliding_window") if config.get("use_sliding_window", family == "MistralForCausalLM") else None
+    if window is not None and window < max_seq_len:
+        problems.append(f"its sliding window ({window} tokens) is shorter than model.lm.max_seq_len={max_seq_len}")
+    if problems:
+        raise ConfigError(f"model.lm.path={folder} ({family}): " + "; ".join(problems))
+    theta, scaling = rope_of(config, folder)
+    head_size = config.get("head_dim")
+    return LMConfig(
+        **{ours: config[theirs] for ours, theirs in FIELDS.items() if theirs in config},
+        max_seq_len=max_seq_len,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        head_size=head_size
+        if head_size and head_size * config["num_attention_heads"] != config["hidden_size"]
+        else None,
+        qkv_bias=True if family == "Qwen2ForCausalLM" else None,
+        qk_norm=family == "Qwen3ForCausalLM",
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        norm="rmsnorm",
+        pos="rope",
+        mlp="swiglu",
+    )
+
+
+def their_name(ours: str) -> str:
+    """Our LanguageModel parameter name -> its name in a transformers causal LM."""
+    if ours == "lm_head.weight":
+        return ours
+    parts = ours.split(".")
+    if parts[0] == "layers":  # layers.<i>.<part>.<rest>
+        parts[2] = PARTS[parts[2]]
+    return "model." + ".".join(parts)
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it (sharded with an index, or not)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
+        if missing:
+            raise ConfigError(f"model.lm.path={folder}: shard {missing[0]} named in {index.name} is missing")
+        return {name: folder / f for name, f in weight_map.items()}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"model.lm.path={folder}: no *.safetensors weights (pytorch_model.bin is not read)")
+    where = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            where.update(dict.fromkeys(f.keys(), file))
+    return where
+
+
+def load_weights(model: LanguageModel, folder: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    """Every tensor of `folder` into `model` (made on the meta device or not), in `dtype`."""
+    folder = Path(folder)
+    where = weight_files(folder)
+    tied = model.cfg.tie_embeddings
+    wanted = {n: p for n, p in model.state_dict().items() if not (tied and n == "lm_head.weight")}
+    missing = [their_name(n) for n in wanted if their_name(n) not in where]
+    if missing:
+        raise ConfigError(f"model.lm.path={folder}: the weights lack {missing[0]} ({len(missing)} tensors missing)")
+    loaded = {}
+    for ours, param in wanted.items():
+        name = their_name(ours)
+        with safe_open(str(where[name]), "pt") as f:
+            tensor = f.get_tensor(name)
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ConfigError(
+                f"model.lm.path={folder}: {name} has shape {tuple(tensor.shape)}, its config.json says {tuple(param.shape)}"
+            )
+        loaded[ours] = tensor.to(dtype)
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.embed_tokens.weight
+    cfg = model.cfg
+    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+    model.rope_cos, model.rope_sin = cos, sin  # the buffers are not in the checkpoint
+
+
+def from_pretrained(
+    folder: str | Path, max_seq_len: int | None = None, dtype: torch.dtype = torch.float32
+) -> LanguageModel:
+    """Our LanguageModel with a checkpoint folder's shape and weights."""
+    cfg = lm_config(folder, max_seq_len)
+    with torch.device("meta"):
+        model = LanguageModel(cfg)
+    load_weights(model, folder, dtype)
+    return model
