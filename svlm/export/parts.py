@@ -54,7 +54,9 @@ def lm_problems(lm: LMConfig) -> list[str]:
     if lm.qk_norm:
         problems.append("the RMSNorm of queries and keys (model.lm.qk_norm=true): Llama has none")
     if lm.qkv_bias is not None and lm.qkv_bias != lm.bias:
-        problems.append(f"q/k/v biases unlike the other layers' (model.lm.qkv_bias={lm.qkv_bias}, model.lm.bias={lm.bias})")
+        problems.append(
+            f"q/k/v biases unlike the other layers' (model.lm.qkv_bias={lm.qkv_bias}, model.lm.bias={lm.bias})"
+        )
     return problems
 
 
