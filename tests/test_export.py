@@ -175,6 +175,8 @@ def _small_vlm(tokenizer, vision=None, projector=None, lm=None, dinov2_config=No
 
 EXPORTABLE_SMALL = {"vision": {"feature_layer": -1}, "projector": {"norm": False}}  # LLaVA
 SHUFFLED = {"compress": "pixel_shuffle", "factor": 2}  # InternVL, as the default tiny model
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -188,6 +190,10 @@ SHUFFLED = {"compress": "pixel_shuffle", "factor": 2}  # InternVL, as the defaul
         ("internvl", {"projector": {**SHUFFLED, "factor": 4}, "vision": {"feature_layer": -1}}),  # one token
         ("internvl", {"projector": {"compress": "none"}, "vision": {"feature_layer": -2}}),  # every patch
         ("internvl", {"projector": {**SHUFFLED, "hidden": 64}, "lm": {"tie_embeddings": False, "bias": True}}),
+        ("llava", {"lm": {"qkv_bias": True}}),  # a Qwen2 inside
+        ("llava", {"lm": {"qk_norm": True, "head_size": 32, "tie_embeddings": False}}),  # a Qwen3 inside
+        ("llava", {"lm": {"rope_theta": 5e5, "rope_scaling": LLAMA3_SCALING}}),  # a Llama 3.1
+        ("internvl", {"projector": SHUFFLED, "lm": {"qk_norm": True, "head_size": 32}}),
     ],
     ids=[
         "plain",
@@ -198,6 +204,10 @@ SHUFFLED = {"compress": "pixel_shuffle", "factor": 2}  # InternVL, as the defaul
         "shuffle4-layer-1",
         "unmerged-layer-2",
         "shuffle-untied-bias",
+        "qwen2",
+        "qwen3",
+        "llama3-rope",
+        "internvl-qwen3",
     ],  # fmt: skip
 )
 def test_variants_export_and_import(kind, variant, tokenizer, shapes_root, tmp_path):
@@ -205,7 +215,10 @@ def test_variants_export_and_import(kind, variant, tokenizer, shapes_root, tmp_p
     parts = {k: {**base.get(k, {}), **variant.get(k, {})} for k in ("vision", "projector", "lm")}
     model = _small_vlm(tokenizer, **parts)
     out = export_model(model, tokenizer, tmp_path / kind)
-    assert json.loads((out / "config.json").read_text())["model_type"] == kind
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == kind
+    family = "qwen3" if parts["lm"].get("qk_norm") else "qwen2" if parts["lm"].get("qkv_bias") else "llama"
+    assert config["text_config"]["model_type"] == family
     llava = _load(out)
     processor = AutoProcessor.from_pretrained(out)
     image = _image(shapes_root)
@@ -347,15 +360,18 @@ def test_help(capsys):
 
 
 def test_model_key_unchanged_by_the_new_setting():
-    """Models trained before feature_layer and image_placement existed keep their key (stage 2 still finds them)."""
+    """Models trained before feature_layer, image_placement and the LM families' settings existed keep their key (stage 2 still finds them)."""
     import hashlib
 
     from svlm.model_folder import model_key
 
     model = dataclasses.asdict(_train_config().model)
-    before = {**model, "vision": {k: v for k, v in model["vision"].items() if k != "feature_layer"}}
+    later_lm = ("rope_scaling", "head_size", "qkv_bias", "qk_norm")  # the checkpoint families' settings
+    before = {**model, "vision": {k: v for k, v in model["vision"].items() if k != "feature_layer"},
+              "lm": {k: v for k, v in model["lm"].items() if k not in later_lm}}  # fmt: skip
     del before["image_placement"]
     old_key = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12]
     assert model_key(model) == old_key
     assert model_key(dataclasses.asdict(_train_config(*EXPORTABLE[2:3]).model)) != old_key
     assert model_key(dataclasses.asdict(_train_config("model.image_placement=inline").model)) != old_key
+    assert model_key(dataclasses.asdict(_train_config("+model.lm.qk_norm=true").model)) != old_key

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from svlm.errors import ConfigError
-from svlm.export.parts import llama_config, lm_config_from, lm_name, vision_from_processor
+from svlm.export.parts import llm_config, lm_config_from, lm_name, vision_from_processor
 from svlm.models.projector import ProjectorConfig
 from svlm.models.vlm import VLM, VLMConfig
 
@@ -120,7 +120,7 @@ def hf_config(model: VLM, tokenizer):
     r = cfg.projector.factor if cfg.projector.compress == "pixel_shuffle" else 1
     return InternVLConfig(
         vision_config=vision.to_dict(),
-        text_config=llama_config(model, tokenizer).to_dict(),
+        text_config=llm_config(model, tokenizer).to_dict(),
         image_token_id=cfg.image_token_id,
         image_seq_length=model.num_image_tokens,
         downsample_ratio=1 / r,

@@ -15,7 +15,7 @@ whose projector is Linear, GELU, Linear on every patch (no merging, no norm).
 from __future__ import annotations
 
 from svlm.errors import ConfigError
-from svlm.export.parts import llama_config, lm_config_from, lm_name, vision_from_processor
+from svlm.export.parts import llm_config, lm_config_from, lm_name, vision_from_processor
 from svlm.models.projector import ProjectorConfig
 from svlm.models.vlm import VLM, VLMConfig
 
@@ -64,7 +64,7 @@ def hf_config(model: VLM, tokenizer):
     cfg = model.cfg
     return LlavaConfig(
         vision_config=model.vision.dinov2.config.to_dict(),
-        text_config=llama_config(model, tokenizer).to_dict(),
+        text_config=llm_config(model, tokenizer).to_dict(),
         image_token_index=cfg.image_token_id,
         image_seq_length=model.num_image_tokens,
         projector_hidden_act="gelu",  # exact (erf) GELU, as F.gelu

@@ -1,9 +1,9 @@
 """What every transformers format of an export shares: the language model as a
-Llama, the processor (tokenizer, chat template, image processor), the
+Llama, Qwen2 or Qwen3 (svlm/models/pretrained.py maps it), the processor (tokenizer, chat template, image processor), the
 generation settings, and which folder an export may replace.
 
 Our decoder is a Llama in all but names: RMSNorm, SwiGLU, GQA, tied or untied
-head, and RoPE that rotates (first half, second half) pairs, which is
+head (with q/k/v biases a Qwen2, with q/k norms a Qwen3), and RoPE that rotates (first half, second half) pairs, which is
 transformers' `rotate_half` convention, so q_proj and k_proj need no
 permutation (that permutation is for Meta's interleaved checkpoints).
 """
@@ -17,26 +17,13 @@ from pathlib import Path
 from svlm.data.chat import END_TOKEN, IMAGE_TOKEN, PAD_TOKEN, chat_template
 from svlm.errors import ConfigError
 from svlm.models.language_model import LMConfig
+from svlm.models.pretrained import lm_config_of, text_config, their_name
 from svlm.models.vision import VisionConfig
 from svlm.models.vlm import VLM
 
-# Our block's parts -> Llama's (lm.layers.<i>.<part>.<rest>).
-_LM_PARTS = {"attn_norm": "input_layernorm", "attn": "self_attn", "mlp_norm": "post_attention_layernorm", "mlp": "mlp"}
-# LMConfig fields -> LlamaConfig's, both ways.
-_LLAMA_FIELDS = {
-    "vocab_size": "vocab_size",
-    "d_model": "hidden_size",
-    "n_layers": "num_hidden_layers",
-    "n_heads": "num_attention_heads",
-    "n_kv_heads": "num_key_value_heads",
-    "d_ff": "intermediate_size",
-    "max_seq_len": "max_position_embeddings",
-    "norm_eps": "rms_norm_eps",
-}
-
 
 def lm_problems(lm: LMConfig) -> list[str]:
-    """What a Llama cannot express of our language model, with the config keys."""
+    """What Llama, Qwen2 and Qwen3 cannot express of our language model, with the config keys."""
     problems = []
     if lm.d_in is not None:
         problems.append(
@@ -51,37 +38,23 @@ def lm_problems(lm: LMConfig) -> list[str]:
         problems.append("the mixture of experts (model.lm.mlp=moe): Llama's feed-forward is one SwiGLU")
     elif lm.mlp != "swiglu":
         problems.append(f"the {lm.mlp} feed-forward (model.lm.mlp={lm.mlp}): Llama's is SwiGLU")
-    if lm.qk_norm:
-        problems.append("the RMSNorm of queries and keys (model.lm.qk_norm=true): Llama has none")
-    if lm.qkv_bias is not None and lm.qkv_bias != lm.bias:
-        problems.append(
-            f"q/k/v biases unlike the other layers' (model.lm.qkv_bias={lm.qkv_bias}, model.lm.bias={lm.bias})"
-        )
+    if lm.qk_norm and (lm.bias or lm.qkv_bias):
+        problems.append("q/k norms with biases (model.lm.qk_norm=true, model.lm.bias/qkv_bias): Qwen3 has no biases")
+    if lm.bias and lm.qkv_bias is False:
+        problems.append("biases everywhere but on q/k/v (model.lm.bias=true, model.lm.qkv_bias=false)")
     return problems
 
 
 def lm_name(rest: str) -> str:
-    """Our `lm.<rest>` parameter -> its name in a transformers VLM with a Llama inside."""
-    if rest == "lm_head.weight":
-        return rest
-    parts = rest.split(".")
-    if parts[0] == "layers":  # layers.<i>.<part>.<rest>
-        parts[2] = _LM_PARTS[parts[2]]
-    return "model.language_model." + ".".join(parts)
+    """Our `lm.<rest>` parameter -> its name in a transformers VLM with our LM inside."""
+    theirs = their_name(rest)
+    return theirs if theirs == "lm_head.weight" else "model.language_model." + theirs.removeprefix("model.")
 
 
-def llama_config(model: VLM, tokenizer):
-    from transformers import LlamaConfig
-
-    lm = model.cfg.lm
-    return LlamaConfig(
-        **{theirs: getattr(lm, ours) for ours, theirs in _LLAMA_FIELDS.items()},
-        head_dim=lm.head_dim,
-        hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": lm.rope_theta, **(lm.rope_scaling or {})},
-        attention_bias=lm.bias,
-        mlp_bias=lm.bias,
-        tie_word_embeddings=lm.tie_embeddings,
+def llm_config(model: VLM, tokenizer):
+    """The language model's transformers config: Llama, Qwen2 or Qwen3 (models/pretrained.py)."""
+    return text_config(
+        model.cfg.lm,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.convert_tokens_to_ids(END_TOKEN),
         pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
@@ -89,26 +62,9 @@ def llama_config(model: VLM, tokenizer):
 
 
 def lm_config_from(tc, tie_embeddings: bool, what: str) -> LMConfig:
-    """Our LMConfig for the Llama `text_config` of an exported folder."""
-    problems = []
-    if tc.model_type != "llama":
-        problems.append(f"a {tc.model_type} language model: only Llama is expressible here")
-    elif tc.hidden_act != "silu" or tc.attention_bias != tc.mlp_bias:
-        problems.append("a Llama whose activation is not SiLU or whose attention and MLP biases differ")
-    rope = getattr(tc, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        problems.append(f"RoPE scaling ({rope.get('rope_type')})")
-    if problems:
-        raise ConfigError(f"cannot import this {what} folder: " + "; ".join(problems))
-    lm = LMConfig(
-        **{ours: getattr(tc, theirs) for ours, theirs in _LLAMA_FIELDS.items()},
-        rope_theta=float(rope.get("rope_theta", 10000.0)),
-        bias=tc.attention_bias,
-        tie_embeddings=tie_embeddings,
-    )
-    if lm.head_dim != (tc.head_dim or tc.hidden_size // tc.num_attention_heads):
-        raise ConfigError(f"cannot import this {what} folder: its head size is not hidden_size / heads")
-    return lm
+    """Our LMConfig for the `text_config` of an exported folder."""
+    config = {**tc.to_dict(), "tie_word_embeddings": tie_embeddings}
+    return lm_config_of(config, f"cannot import this {what} folder's language model")
 
 
 def generation_config(text_config):

@@ -29,6 +29,7 @@ from svlm.models.language_model import LanguageModel, LMConfig
 from svlm.models.rope import SCALINGS, rope_tables
 
 FAMILIES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+MODEL_TYPES = dict(zip(("llama", "qwen2", "qwen3", "mistral"), FAMILIES))  # config model_type -> family
 # LMConfig fields -> their config.json names, in every family.
 FIELDS = {
     "vocab_size": "vocab_size",
@@ -62,21 +63,17 @@ def read_config(folder: str | Path) -> dict:
     return config
 
 
-def rope_of(config: dict, folder: Path) -> tuple[float, dict | None]:
+def rope_of(config: dict, where: str) -> tuple[float, dict | None]:
     """(theta, scaling) from either layout: transformers 5's `rope_parameters`,
     or the older `rope_theta` + `rope_scaling` of most hub folders."""
     params = dict(config.get("rope_parameters") or {})
     theta = float(params.pop("rope_theta", config.get("rope_theta", 10000.0)))
     scaling = config.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
-    if scaling is None:
-        return theta, None
-    kind = scaling.get("rope_type", scaling.get("type"))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
         return theta, None
     if kind not in SCALINGS:
-        raise ConfigError(
-            f"model.lm.path={folder}: rope_scaling type {kind!r} is not supported (supported: {SCALINGS})"
-        )
+        raise ConfigError(f"{where}: rope_scaling type {kind!r} is not supported (supported: {SCALINGS})")
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     return theta, {"rope_type": kind, **{k: scaling[k] for k in keys}}
 
@@ -84,41 +81,72 @@ def rope_of(config: dict, folder: Path) -> tuple[float, dict | None]:
 def lm_config(folder: str | Path, max_seq_len: int | None = None) -> LMConfig:
     """Our LMConfig for a checkpoint folder. `max_seq_len`: the longest sequence
     to run (default: the folder's max_position_embeddings)."""
-    folder = Path(folder)
-    config = read_config(folder)
-    family, problems = config["architectures"][0], []
+    return lm_config_of(read_config(folder), f"model.lm.path={folder}", max_seq_len)
+
+
+def problems_of(config: dict, family: str, max_seq_len: int) -> list[str]:
+    """What our decoder cannot do of a causal LM's config."""
+    problems = []
     if config.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={config['hidden_act']} (SwiGLU needs silu)")
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        problems.append("attention_bias/mlp_bias=true (biases on o_proj or the MLP)")
+    attention_bias, mlp_bias = bool(config.get("attention_bias")), bool(config.get("mlp_bias"))
+    if attention_bias != mlp_bias or (attention_bias and family == "Qwen3ForCausalLM"):
+        problems.append(f"attention_bias={attention_bias} with mlp_bias={mlp_bias} (biases go on every layer or none)")
     if config.get("partial_rotary_factor", 1.0) != 1.0:
         problems.append(f"partial_rotary_factor={config['partial_rotary_factor']}")
     longest = config.get("max_position_embeddings", max_seq_len)
-    max_seq_len = max_seq_len or longest
     if max_seq_len > longest:
         problems.append(f"model.lm.max_seq_len={max_seq_len} is longer than max_position_embeddings={longest}")
     window = config.get("sliding_window") if config.get("use_sliding_window", family == "MistralForCausalLM") else None
     if window is not None and window < max_seq_len:
         problems.append(f"its sliding window ({window} tokens) is shorter than model.lm.max_seq_len={max_seq_len}")
+    return problems
+
+
+def lm_config_of(config: dict, where: str, max_seq_len: int | None = None) -> LMConfig:
+    """Our LMConfig for a causal LM's config (a config.json, or an exported VLM's
+    text_config as a dict); `where` names it in errors."""
+    family = (config.get("architectures") or [None])[0]
+    family = family if family in FAMILIES else MODEL_TYPES.get(config.get("model_type"))
+    if family is None:
+        raise ConfigError(f"{where}: a {config.get('model_type')} language model; supported: {', '.join(FAMILIES)}")
+    max_seq_len = max_seq_len or config.get("max_position_embeddings")
+    problems = problems_of(config, family, max_seq_len)
     if problems:
-        raise ConfigError(f"model.lm.path={folder} ({family}): " + "; ".join(problems))
-    theta, scaling = rope_of(config, folder)
+        raise ConfigError(f"{where} ({family}): " + "; ".join(problems))
+    theta, scaling = rope_of(config, where)
     head_size = config.get("head_dim")
+    if head_size and head_size * config["num_attention_heads"] == config["hidden_size"]:
+        head_size = None  # the usual size: left implicit, as in our own configs
     return LMConfig(
-        **{ours: config[theirs] for ours, theirs in FIELDS.items() if theirs in config},
+        **{ours: config[theirs] for ours, theirs in FIELDS.items() if config.get(theirs) is not None},
         max_seq_len=max_seq_len,
         rope_theta=theta,
         rope_scaling=scaling,
-        head_size=head_size
-        if head_size and head_size * config["num_attention_heads"] != config["hidden_size"]
-        else None,
+        head_size=head_size,
+        bias=bool(config.get("attention_bias")),
         qkv_bias=True if family == "Qwen2ForCausalLM" else None,
         qk_norm=family == "Qwen3ForCausalLM",
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        norm="rmsnorm",
-        pos="rope",
-        mlp="swiglu",
     )
+
+
+def text_config(lm: LMConfig, **token_ids):
+    """The transformers config of our language model (export): Qwen3's with q/k
+    norms, Qwen2's with biases on q/k/v alone, Llama's otherwise."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    if lm.qk_norm and (lm.bias or lm.qkv_bias):
+        raise ConfigError("model.lm.qk_norm=true with biases has no transformers counterpart (Qwen3 has neither)")
+    rope = {"rope_type": "default", "rope_theta": lm.rope_theta, **(lm.rope_scaling or {})}
+    common = {theirs: getattr(lm, ours) for ours, theirs in FIELDS.items()}
+    common.update(max_position_embeddings=lm.max_seq_len, head_dim=lm.head_dim, hidden_act="silu",
+                  rope_parameters=rope, tie_word_embeddings=lm.tie_embeddings, **token_ids)  # fmt: skip
+    if lm.qk_norm:
+        return Qwen3Config(**common, attention_bias=False)
+    if lm.qkv_bias and not lm.bias:
+        return Qwen2Config(**common, use_sliding_window=False)
+    return LlamaConfig(**common, attention_bias=lm.bias, mlp_bias=lm.bias)
 
 
 def their_name(ours: str) -> str:
