@@ -140,14 +140,22 @@ STAGES = {
 }
 
 
+CHECKPOINT_SHAPES = {  # what real checkpoints bring (svlm/models/pretrained.py)
+    "plain": {},
+    "qwen3": {"qk_norm": True, "head_size": 24},  # per-head q/k norms, heads wider than d_model / n_heads
+    "qwen2": {"qkv_bias": True},
+}
+
+
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("tie", [True, False])
-def test_step_flops_match_torch_counter(stage, tie):
+@pytest.mark.parametrize("shape", CHECKPOINT_SHAPES)
+def test_step_flops_match_torch_counter(stage, tie, shape):
     """Forward and backward of a step as autograd runs it, counted by torch (the
     math attention kernel, so the attention's matmuls are seen), against the
     analytic count: frozen parts skip weight gradients, and parts below the
     lowest trained one skip input gradients."""
-    model = tiny_vlm(tie_embeddings=tie)
+    model = tiny_vlm(tie_embeddings=tie, **CHECKPOINT_SHAPES[shape])
     set_trainable(model, StageConfig(name="stage2", task="sft", **STAGES[stage]))
     batch = batch_of([(5, 7)] * 3)  # equal lengths: no padding
     B, T = batch["input_ids"].shape
