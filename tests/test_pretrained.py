@@ -178,3 +178,24 @@ def test_a_max_seq_len_past_the_folders_is_refused(tmp_path):
     assert lm_config(tmp_path, max_seq_len=128).max_seq_len == 128
     with pytest.raises(ConfigError, match="max_seq_len=512 is longer than max_position_embeddings=256"):
         lm_config(tmp_path, max_seq_len=512)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_grown_vocabulary_starts_at_the_mean_and_keeps_the_old_logits(tmp_path, tie):
+    from svlm.models.pretrained import grow_vocab
+
+    save(llama(tie_word_embeddings=tie), tmp_path)
+    ours = from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = ours(input_ids=ids).logits
+        grow_vocab(ours, SHAPE["vocab_size"] + 2)
+        after = ours(input_ids=ids).logits
+    assert after.shape[-1] == SHAPE["vocab_size"] + 2 and ours.cfg.vocab_size == SHAPE["vocab_size"] + 2
+    assert torch.equal(after[..., : SHAPE["vocab_size"]], before)  # old tokens: the same logits
+    mean = ours.embed_tokens.weight[: SHAPE["vocab_size"]].mean(0)
+    assert torch.allclose(ours.embed_tokens.weight[-1], mean) and torch.allclose(ours.lm_head.weight[-2], mean if tie
+           else ours.lm_head.weight[: SHAPE["vocab_size"]].mean(0))  # fmt: skip
+    assert (ours.lm_head.weight is ours.embed_tokens.weight) == tie
+    with pytest.raises(ConfigError, match="smaller than the language model's"):
+        grow_vocab(ours, 10)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from svlm.errors import ConfigError
 from svlm.models.language_model import LanguageModel, LMConfig
@@ -214,3 +215,27 @@ def from_pretrained(
         model = LanguageModel(cfg)
     load_weights(model, folder, dtype)
     return model
+
+
+def grow_vocab(model: LanguageModel, vocab_size: int) -> None:
+    """Make room for tokens added to a pretrained tokenizer (the image placeholder):
+    each new row of the embedding, and of an untied head, starts at the mean of
+    the existing rows, so the new tokens start where the others are on average."""
+    old = model.cfg.vocab_size
+    if vocab_size < old:
+        raise ConfigError(f"a tokenizer of {vocab_size} tokens is smaller than the language model's {old}")
+    if vocab_size == old:
+        return
+
+    def grown(weight: torch.Tensor) -> nn.Parameter:  # (old, d) -> (vocab_size, d)
+        extra = weight.detach().mean(0, keepdim=True).expand(vocab_size - old, -1)
+        return nn.Parameter(torch.cat([weight.detach(), extra]), requires_grad=weight.requires_grad)
+
+    model.embed_tokens.weight = grown(model.embed_tokens.weight)
+    model.embed_tokens.num_embeddings = vocab_size
+    if model.cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    else:
+        model.lm_head.weight = grown(model.lm_head.weight)
+    model.lm_head.out_features = vocab_size
+    model.cfg.vocab_size = vocab_size
