@@ -16,6 +16,7 @@ from typing import Any, Literal
 from svlm.data.chat import ImagePlacement
 from svlm.errors import ConfigError
 from svlm.models.language_model import LMConfig
+from svlm.models.pretrained import sync_with_checkpoint
 from svlm.models.projector import ProjectorConfig
 from svlm.models.vision import VisionConfig
 from svlm.tokenizer import TokenizerConfig
@@ -38,6 +39,8 @@ class ModelConfig:
     image_placement: ImagePlacement = "first"
 
     def __post_init__(self) -> None:
+        if self.lm.path is not None:  # the language model's shape is its checkpoint's
+            self.lm = sync_with_checkpoint(self.lm)
         if self.vision.use_cls and self.projector.kind == "mlp" and self.projector.compress != "none":
             raise ConfigError(
                 "model.vision.use_cls=true cannot be combined with model.projector.compress="
@@ -253,6 +256,10 @@ class TrainConfig:
     seed: int = 0
     run_name: str | None = None  # names the run folder and the wandb run
     resume: str | None = None  # continue a stopped run: latest, a run folder, or a checkpoint folder
+
+    def __post_init__(self) -> None:
+        if self.model.lm.path is not None and self.tokenizer.path is None:
+            self.tokenizer.path = self.model.lm.path  # a pretrained language model reads with its own tokenizer
 
     def stages(self) -> list[StageConfig]:
         return self.stage.stages() if isinstance(self.stage, BothStagesConfig) else [self.stage]

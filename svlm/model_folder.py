@@ -37,6 +37,7 @@ META = "svlm.json"
 LATER_KEYS = {
     ("vision", "feature_layer"): None,
     ("image_placement",): "first",
+    ("lm", "path"): None,
     ("lm", "rope_scaling"): None,
     ("lm", "head_size"): None,
     ("lm", "qkv_bias"): None,

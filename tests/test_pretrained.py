@@ -199,3 +199,44 @@ def test_grown_vocabulary_starts_at_the_mean_and_keeps_the_old_logits(tmp_path, 
     assert (ours.lm_head.weight is ours.embed_tokens.weight) == tie
     with pytest.raises(ConfigError, match="smaller than the language model's"):
         grow_vocab(ours, 10)
+
+
+def pretrained_folder(tokenizer, folder):
+    """A tiny Qwen2 at the test model's width, with the test's tokenizer (the LM
+    knows all but its last 4 tokens: the VLM grows the embedding for them)."""
+    model = qwen2(vocab_size=len(tokenizer) - 4, max_position_embeddings=512, tie_word_embeddings=False)
+    save(model, folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def test_training_starts_from_the_pretrained_lm(make_train_cfg, tokenizer, tmp_path):
+    from svlm.model_folder import load_model
+    from svlm.tokenizer import load_tokenizer
+    from svlm.training.loop import train
+    from svlm.training.prepare import build_model
+
+    theirs = pretrained_folder(tokenizer, tmp_path / "qwen2")
+    cfg = make_train_cfg(f"model.lm.path={tmp_path / 'qwen2'}", steps=2)
+    assert cfg.tokenizer.path == str(tmp_path / "qwen2")  # its own tokenizer by default
+    assert cfg.model.lm.qkv_bias and cfg.model.lm.d_ff == 96 and not cfg.model.lm.tie_embeddings
+    vlm = build_model(cfg, load_tokenizer(cfg.tokenizer.path)).eval()
+    ids = torch.randint(0, len(tokenizer) - 4, (2, 32), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+        got = vlm.lm(input_ids=ids).logits
+    assert (
+        got.shape[-1] == len(load_tokenizer(cfg.tokenizer.path))
+        and rel_diff(got[..., : expected.shape[-1]], expected) <= 1e-5
+    )
+    stage1, stage2 = train(cfg)
+    model, _, meta = load_model(stage2)
+    assert model.cfg.lm.path == str(tmp_path / "qwen2") and model.cfg.lm.qkv_bias and meta["stage"] == "stage2"
+
+
+def test_a_shape_that_contradicts_the_folder_names_both(make_train_cfg, tokenizer, tmp_path):
+    pretrained_folder(tokenizer, tmp_path / "qwen2")
+    with pytest.raises(ConfigError, match=r"model.lm.n_layers=3 but .*qwen2/config.json says 2"):
+        make_train_cfg(f"model.lm.path={tmp_path / 'qwen2'}", "model.lm.n_layers=3")
+    with pytest.raises(ConfigError, match=r"model.lm.mlp='moe' but .* says 'swiglu'"):
+        make_train_cfg(f"model.lm.path={tmp_path / 'qwen2'}", "model.lm.mlp=moe")

@@ -33,6 +33,7 @@ from svlm.models.rope import SCALINGS, apply_rope, rope_tables
 
 @dataclass
 class LMConfig:
+    path: str | None = None  # a transformers causal-LM folder: its shape and weights (svlm/models/pretrained.py)
     vocab_size: int = 512
     d_model: int = 256
     n_layers: int = 4

@@ -18,6 +18,7 @@ Our decoder rotates (first half, second half) pairs, transformers'
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -239,3 +240,37 @@ def grow_vocab(model: LanguageModel, vocab_size: int) -> None:
         model.lm_head.weight = grown(model.lm_head.weight)
     model.lm_head.out_features = vocab_size
     model.cfg.vocab_size = vocab_size
+
+
+# What a checkpoint decides of an LMConfig; a config that sets one of them to
+# something else than LMConfig's default contradicts the folder unless equal.
+SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "norm_eps", "rope_theta", "rope_scaling",
+              "head_size", "bias", "qkv_bias", "qk_norm", "tie_embeddings", "norm", "pos", "mlp", "d_in", "rank")  # fmt: skip
+
+
+def sync_with_checkpoint(lm: LMConfig) -> LMConfig:
+    """`lm` with the shape of its `path`'s checkpoint (its max_seq_len and dropout
+    kept). A shape key set away from its default to another value than the
+    folder's is a ConfigError naming both."""
+    theirs = lm_config(lm.path, lm.max_seq_len)
+    default = LMConfig(d_model=lm.d_model, mlp=lm.mlp)  # d_ff's default follows the width and the MLP
+    default.d_model, default.mlp = LMConfig.d_model, LMConfig.mlp
+    clashes = [
+        f"model.lm.{k}={getattr(lm, k)!r} but {lm.path}/config.json says {getattr(theirs, k)!r}"
+        for k in SHAPE_KEYS
+        if getattr(lm, k) != getattr(default, k) and getattr(lm, k) != getattr(theirs, k)
+    ]
+    if clashes:
+        raise ConfigError("; ".join(clashes) + " (leave the shape to the folder: a model option with only lm.path)")
+    return dataclasses.replace(theirs, path=lm.path, dropout=lm.dropout)
+
+
+def pretrained_lm(lm: LMConfig, vocab_size: int, dtype: torch.dtype = torch.float32) -> LanguageModel:
+    """The language model of `lm.path` (its config synced already), with room
+    for a tokenizer of `vocab_size` tokens (grow_vocab)."""
+    with torch.device("meta"):
+        model = LanguageModel(dataclasses.replace(lm))
+    load_weights(model, lm.path, dtype)
+    if vocab_size > model.cfg.vocab_size:
+        grow_vocab(model, vocab_size)
+    return model

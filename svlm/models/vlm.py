@@ -84,13 +84,14 @@ def check_targets(target_index: torch.Tensor, B: int, T: int) -> None:
 
 
 class VLM(nn.Module):
-    def __init__(self, cfg: VLMConfig, dinov2_config=None) -> None:
+    def __init__(self, cfg: VLMConfig, dinov2_config=None, lm: LanguageModel | None = None) -> None:
         """dinov2_config: build the encoder from this (random weights, to be
-        loaded next) instead of cfg.vision; used when loading a saved model."""
+        loaded next) instead of cfg.vision; used when loading a saved model.
+        lm: a language model already built (a pretrained one), of config cfg.lm."""
         super().__init__()
         self.cfg = cfg
         self.vision = VisionEncoder(cfg.vision, dinov2_config)
-        self.lm = LanguageModel(cfg.lm)
+        self.lm = lm if lm is not None else LanguageModel(cfg.lm)
         self.projector = build_projector(
             cfg.projector, self.vision.hidden_size, cfg.lm.embed_dim, self.vision.num_patches + cfg.vision.use_cls
         )

@@ -34,6 +34,7 @@ from svlm.data.source import load_splits, train_files
 from svlm.evaluation.evaluate import shard
 from svlm.memory import CONTEXT_GIB, choose_optimizer
 from svlm.model_folder import load_model, model_key
+from svlm.models.pretrained import pretrained_lm
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.tokenizer import tokenizer_for_data
@@ -45,7 +46,8 @@ from svlm.training.signals import TrainingStopped
 
 def build_model(cfg: TrainConfig, tokenizer) -> VLM:
     vision = sync_with_checkpoint(dataclasses.replace(cfg.model.vision))
-    lm = dataclasses.replace(cfg.model.lm, vocab_size=len(tokenizer))
+    pretrained = pretrained_lm(cfg.model.lm, len(tokenizer)) if cfg.model.lm.path else None
+    lm = pretrained.cfg if pretrained else dataclasses.replace(cfg.model.lm, vocab_size=len(tokenizer))
     vlm_cfg = VLMConfig(
         vision=vision,
         projector=cfg.model.projector,
@@ -53,7 +55,7 @@ def build_model(cfg: TrainConfig, tokenizer) -> VLM:
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         image_placement=cfg.model.image_placement,
     )
-    return VLM(vlm_cfg)
+    return VLM(vlm_cfg, lm=pretrained)
 
 
 def sources(train_ds) -> list:
