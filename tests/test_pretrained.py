@@ -230,8 +230,21 @@ def test_training_starts_from_the_pretrained_lm(make_train_cfg, tokenizer, tmp_p
         and rel_diff(got[..., : expected.shape[-1]], expected) <= 1e-5
     )
     stage1, stage2 = train(cfg)
-    model, _, meta = load_model(stage2)
+    model, tok, meta = load_model(stage2)
     assert model.cfg.lm.path == str(tmp_path / "qwen2") and model.cfg.lm.qkv_bias and meta["stage"] == "stage2"
+    # exported, it is an InternVL with a Qwen2 inside, and answers as ours does
+    from transformers import AutoModelForImageTextToText
+
+    from svlm.data.chat import ChatEncoder
+    from svlm.export import export_model
+
+    out = export_model(model, tok, tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["text_config"]["model_type"] == "qwen2"
+    exported = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([ChatEncoder.for_model(tok, model).prompt("What colour is the shape?")])
+    pixels = torch.randn(1, 3, model.cfg.vision.image_size, model.cfg.vision.image_size)
+    with torch.no_grad():
+        assert rel_diff(exported(input_ids=ids, pixel_values=pixels).logits, model.eval()(ids, pixels).logits) <= 1e-5
 
 
 def test_a_shape_that_contradicts_the_folder_names_both(make_train_cfg, tokenizer, tmp_path):
