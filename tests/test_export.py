@@ -366,7 +366,7 @@ def test_model_key_unchanged_by_the_new_setting():
     from svlm.model_folder import model_key
 
     model = dataclasses.asdict(_train_config().model)
-    later_lm = ("rope_scaling", "head_size", "qkv_bias", "qk_norm")  # the checkpoint families' settings
+    later_lm = ("path", "rope_scaling", "head_size", "qkv_bias", "qk_norm")  # the checkpoint families' settings
     before = {**model, "vision": {k: v for k, v in model["vision"].items() if k != "feature_layer"},
               "lm": {k: v for k, v in model["lm"].items() if k not in later_lm}}  # fmt: skip
     del before["image_placement"]
