@@ -190,15 +190,17 @@ def load_weights(model: LanguageModel, folder: str | Path, dtype: torch.dtype = 
     if missing:
         raise ConfigError(f"model.lm.path={folder}: the weights lack {missing[0]} ({len(missing)} tensors missing)")
     loaded = {}
-    for ours, param in wanted.items():
-        name = their_name(ours)
-        with safe_open(str(where[name]), "pt") as f:
-            tensor = f.get_tensor(name)
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise ConfigError(
-                f"model.lm.path={folder}: {name} has shape {tuple(tensor.shape)}, its config.json says {tuple(param.shape)}"
-            )
-        loaded[ours] = tensor.to(dtype)
+    for file in sorted(set(where[their_name(n)] for n in wanted)):  # each file opened once
+        with safe_open(str(file), "pt") as f:
+            for ours, param in wanted.items():
+                name = their_name(ours)
+                if where[name] != file:
+                    continue
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise ConfigError(f"model.lm.path={folder}: {name} has shape {tuple(tensor.shape)}, "
+                                      f"its config.json says {tuple(param.shape)}")  # fmt: skip
+                loaded[ours] = tensor.to(dtype)
     model.load_state_dict(loaded, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
