@@ -16,7 +16,6 @@ from typing import Any, Literal
 from svlm.data.chat import ImagePlacement
 from svlm.errors import ConfigError
 from svlm.models.language_model import LMConfig
-from svlm.models.pretrained import sync_with_checkpoint
 from svlm.models.projector import ProjectorConfig
 from svlm.models.vision import VisionConfig
 from svlm.tokenizer import TokenizerConfig
@@ -39,8 +38,6 @@ class ModelConfig:
     image_placement: ImagePlacement = "first"
 
     def __post_init__(self) -> None:
-        if self.lm.path is not None:  # the language model's shape is its checkpoint's
-            self.lm = sync_with_checkpoint(self.lm)
         if self.vision.use_cls and self.projector.kind == "mlp" and self.projector.compress != "none":
             raise ConfigError(
                 "model.vision.use_cls=true cannot be combined with model.projector.compress="

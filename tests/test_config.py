@@ -72,6 +72,8 @@ def _shrink(paths: list[str], option: str) -> list[str]:
     extra = []
     if vision.path is not None:  # a real DINOv2 folder: test the architecture with random weights
         extra.append("++model.vision.path=null")
+    if lm.path is not None:  # a real language-model folder: the same, at the default shape
+        extra.append("model.lm.path=null")
     if lm.d_model * lm.n_layers > 256 * 8:
         extra += [f"model.lm.d_model={lm.n_heads * 16}", "model.lm.n_layers=2", "++model.lm.d_ff=null"]
     if vision.hidden_size * vision.num_layers > 384 * 4 or vision.image_size > 224:

@@ -219,8 +219,8 @@ def test_training_starts_from_the_pretrained_lm(make_train_cfg, tokenizer, tmp_p
     theirs = pretrained_folder(tokenizer, tmp_path / "qwen2")
     cfg = make_train_cfg(f"model.lm.path={tmp_path / 'qwen2'}", steps=2)
     assert cfg.tokenizer.path == str(tmp_path / "qwen2")  # its own tokenizer by default
-    assert cfg.model.lm.qkv_bias and cfg.model.lm.d_ff == 96 and not cfg.model.lm.tie_embeddings
     vlm = build_model(cfg, load_tokenizer(cfg.tokenizer.path)).eval()
+    assert vlm.cfg.lm.qkv_bias and vlm.cfg.lm.d_ff == 96 and not vlm.cfg.lm.tie_embeddings  # the folder's shape
     ids = torch.randint(0, len(tokenizer) - 4, (2, 32), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = theirs(input_ids=ids).logits
@@ -248,8 +248,28 @@ def test_training_starts_from_the_pretrained_lm(make_train_cfg, tokenizer, tmp_p
 
 
 def test_a_shape_that_contradicts_the_folder_names_both(make_train_cfg, tokenizer, tmp_path):
+    from svlm.memory import estimate_memory
+    from svlm.training.prepare import build_model
+
     pretrained_folder(tokenizer, tmp_path / "qwen2")
-    with pytest.raises(ConfigError, match=r"model.lm.n_layers=3 but .*qwen2/config.json says 2"):
-        make_train_cfg(f"model.lm.path={tmp_path / 'qwen2'}", "model.lm.n_layers=3")
-    with pytest.raises(ConfigError, match=r"model.lm.mlp='moe' but .* says 'swiglu'"):
-        make_train_cfg(f"model.lm.path={tmp_path / 'qwen2'}", "model.lm.mlp=moe")
+    for change, named in (("model.lm.n_layers=3", r"model.lm.n_layers=3 but .*qwen2/config.json says 2"),
+                          ("model.lm.mlp=moe", r"model.lm.mlp='moe' but .* says 'swiglu'")):  # fmt: skip
+        cfg = make_train_cfg(f"model.lm.path={tmp_path / 'qwen2'}", change)
+        with pytest.raises(ConfigError, match=named):
+            build_model(cfg, tokenizer)
+        with pytest.raises(ConfigError, match=named):  # the memory planner reads the folder too
+            estimate_memory(cfg, cfg.stages()[0])
+
+
+def test_the_memory_planner_counts_the_folders_model(make_train_cfg, tokenizer, tmp_path):
+    from svlm.memory import estimate_memory
+
+    pretrained_folder(tokenizer, tmp_path / "qwen2")
+    cfg = make_train_cfg(f"model.lm.path={tmp_path / 'qwen2'}")
+    plain = make_train_cfg("model.lm.n_kv_heads=2", "+model.lm.d_ff=96", "+model.lm.qkv_bias=true",
+                           "model.lm.tie_embeddings=false", f"tokenizer.vocab_size={len(tokenizer) - 4}")  # fmt: skip
+    stage = cfg.stages()[0]
+    ours, same = estimate_memory(cfg, stage), estimate_memory(plain, stage, vocab=len(tokenizer) - 4)
+    assert ours.weights == same.weights and ours.trained == same.trained
+    with pytest.raises(ConfigError, match="no config.json"):
+        estimate_memory(make_train_cfg(f"model.lm.path={tmp_path / 'nowhere'}"), stage)

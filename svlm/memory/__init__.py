@@ -49,6 +49,7 @@ from transformers import Dinov2Config
 from svlm.config import StageConfig, TrainConfig
 from svlm.hardware import planned_device, resolve_precision
 from svlm.models.language_model import LMConfig
+from svlm.models.pretrained import sync_with_checkpoint
 from svlm.models.vision import dinov2_config_of
 from svlm.models.vlm import IGNORE_INDEX, VLM, VLMConfig
 
@@ -196,6 +197,10 @@ def estimate_memory(
     precision = resolve_precision(hw, device)
     kind = optimizer or (hw.optimizer if hw.optimizer != "auto" else "adamw")
     offload = kind == "adamw_offload"
+    if cfg.model.lm.path is not None:  # a pretrained LM: its shape and vocabulary are its folder's
+        lm = sync_with_checkpoint(cfg.model.lm)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lm=lm))
+        vocab = vocab or lm.vocab_size
     vocab = vocab or cfg.tokenizer.vocab_size
     seq_len = min(seq_len or cfg.data.max_len, cfg.model.lm.max_seq_len)
     micro = micro_batch or hw.micro_batch_size or stage.batch_size

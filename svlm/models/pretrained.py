@@ -252,8 +252,9 @@ SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "norm_eps"
 
 def sync_with_checkpoint(lm: LMConfig) -> LMConfig:
     """`lm` with the shape of its `path`'s checkpoint (its max_seq_len and dropout
-    kept). A shape key set away from its default to another value than the
-    folder's is a ConfigError naming both."""
+    kept), read when a model is built or planned, as the vision encoder's is. A
+    shape key set away from its default to another value than the folder's is a
+    ConfigError naming both. Idempotent."""
     theirs = lm_config(lm.path, lm.max_seq_len)
     default = LMConfig(d_model=lm.d_model, mlp=lm.mlp)  # d_ff's default follows the width and the MLP
     default.d_model, default.mlp = LMConfig.d_model, LMConfig.mlp
@@ -268,10 +269,10 @@ def sync_with_checkpoint(lm: LMConfig) -> LMConfig:
 
 
 def pretrained_lm(lm: LMConfig, vocab_size: int, dtype: torch.dtype = torch.float32) -> LanguageModel:
-    """The language model of `lm.path` (its config synced already), with room
-    for a tokenizer of `vocab_size` tokens (grow_vocab)."""
+    """The language model of `lm.path`, with room for a tokenizer of
+    `vocab_size` tokens (grow_vocab)."""
     with torch.device("meta"):
-        model = LanguageModel(dataclasses.replace(lm))
+        model = LanguageModel(sync_with_checkpoint(lm))
     load_weights(model, lm.path, dtype)
     if vocab_size > model.cfg.vocab_size:
         grow_vocab(model, vocab_size)
