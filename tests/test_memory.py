@@ -129,6 +129,31 @@ def test_training_with_offload_saves_fp32_masters(make_train_cfg, tmp_path):
     assert any("train/loss" in m for m in metrics)
 
 
+def test_offload_with_a_frozen_encoder_plans_and_trains(make_train_cfg):
+    """A frozen fp32 encoder feeds the bf16 projector adamw_offload trains: the
+    planner's probe and a real CPU step both run (they stopped on mixed dtypes)."""
+    from accelerate.state import AcceleratorState
+
+    from svlm.training.loop import train
+
+    cfg = make_train_cfg(
+        "hardware.precision=bf16",
+        "hardware.optimizer=adamw_offload",
+        "stage.train_vision=false",
+        "data.feature_cache=false",
+        stage="stage1",
+        steps=1,
+    )  # fmt: skip (the shared cache stays as it was)
+    est = estimate_memory(cfg, cfg.stages()[0])
+    assert est.activations > 0 and est.cpu_states > 0
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one precision per process
+    try:
+        [out] = train(cfg)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert (out / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize(
     "override, named", [("hardware.bogus=1", "hardware.bogus"), ("model=nosuch", "model/nosuch"), ("stage.lr=", "")]
 )

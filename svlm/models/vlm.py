@@ -118,7 +118,12 @@ class VLM(nn.Module):
                 feats = self.vision(pixel_values)
         else:
             feats = self.vision(pixel_values)
-        return self.projector(feats)
+        return self.project(feats)
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        """Encoder features (n_images, P, Dv) -> visual tokens (n_images, N, E), in the
+        projector's dtype (a frozen fp32 encoder feeds a bf16 projector under adamw_offload)."""
+        return self.projector(feats.to(next(self.projector.parameters()).dtype))
 
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, vision_features: torch.Tensor | None = None
@@ -137,7 +142,7 @@ class VLM(nn.Module):
             check_slots(slots, 0, "no image was given")
             return embeds
         if has_features:
-            visual = self.projector(vision_features.to(embeds.dtype))  # (n_images, N, E)
+            visual = self.project(vision_features)  # (n_images, N, E)
         else:
             visual = self.encode_images(pixel_values.to(embeds.dtype))  # (n_images, N, E)
         check_slots(slots, visual.shape[0] * visual.shape[1],
