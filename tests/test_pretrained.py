@@ -4,6 +4,8 @@ config classes and `save_pretrained`, give the same logits and the same greedy
 tokens in our LanguageModel as in transformers."""
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,6 +234,21 @@ def test_training_starts_from_the_pretrained_lm(make_train_cfg, tokenizer, tmp_p
     stage1, stage2 = train(cfg)
     model, tok, meta = load_model(stage2)
     assert model.cfg.lm.path == str(tmp_path / "qwen2") and model.cfg.lm.qkv_bias and meta["stage"] == "stage2"
+    # eval.py and infer.py read it from its folder, with the LM's tokenizer saved there
+    from conftest import DATA_OVERRIDES, compose, path_overrides
+
+    from svlm.config import load_eval_config, load_infer_config
+    from svlm.evaluation.evaluate import evaluate
+    from svlm.inference.ask import ask
+
+    where = path_overrides(tmp_path / "scored", cfg.paths.cache)
+    scores = evaluate(load_eval_config(compose("eval", [f"ckpt={stage2}", "data=shapes", *DATA_OVERRIDES, *where,
+                                                        "max_test=4", "max_new_tokens=4", "hardware=cpu"])))  # fmt: skip
+    assert 0.0 <= scores["accuracy"] <= 1.0 and math.isfinite(scores["val_loss"])
+    image = next((Path(cfg.paths.cache) / "data").glob("*/images/test-*.png"))
+    answer = ask(load_infer_config(compose("infer", [f"ckpt={stage2}", f"image={image}", "max_new_tokens=4", *where,
+                                                     "hardware=cpu"])))  # fmt: skip
+    assert isinstance(answer, str)
     # exported, it is an InternVL with a Qwen2 inside, and answers as ours does
     from transformers import AutoModelForImageTextToText
 
