@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import svlm.export
 from svlm.cli import command
@@ -14,9 +14,9 @@ from svlm.cli import command
 @command("export", free_text=("ckpt", "out", "from_llava"), doc=svlm.export.__doc__)
 def main(cfg: DictConfig) -> None:
     from svlm.export import ExportConfig, run
-    from svlm.typed import build
+    from svlm.typed import build, to_plain
 
-    out = run(build(ExportConfig, OmegaConf.to_container(cfg, resolve=True)))
+    out = run(build(ExportConfig, to_plain(cfg)))
     print(f"wrote {out}")
 
 

@@ -210,10 +210,11 @@ def load_weights(model: LanguageModel, folder: str | Path, dtype: torch.dtype = 
 
 
 def from_pretrained(
-    folder: str | Path, max_seq_len: int | None = None, dtype: torch.dtype = torch.float32
+    folder: str | Path, max_seq_len: int | None = None, dtype: torch.dtype = torch.float32, cfg: LMConfig | None = None
 ) -> LanguageModel:
-    """Our LanguageModel with a checkpoint folder's shape and weights."""
-    cfg = lm_config(folder, max_seq_len)
+    """Our LanguageModel with a checkpoint folder's shape (or `cfg`, already
+    synced with it) and weights."""
+    cfg = cfg or lm_config(folder, max_seq_len)
     with torch.device("meta"):
         model = LanguageModel(cfg)
     load_weights(model, folder, dtype)
@@ -256,12 +257,14 @@ def sync_with_checkpoint(lm: LMConfig) -> LMConfig:
     shape key set away from its default to another value than the folder's is a
     ConfigError naming both. Idempotent."""
     theirs = lm_config(lm.path, lm.max_seq_len)
-    default = LMConfig(d_model=lm.d_model, mlp=lm.mlp)  # d_ff's default follows the width and the MLP
-    default.d_model, default.mlp = LMConfig.d_model, LMConfig.mlp
+    default = {k: getattr(LMConfig(), k) for k in SHAPE_KEYS}
+    # Left unset, these follow other keys: the MLP width the width, key/value heads the heads.
+    default["d_ff"] = LMConfig(d_model=lm.d_model, mlp=lm.mlp).d_ff
+    default["n_kv_heads"] = lm.n_heads
     clashes = [
         f"model.lm.{k}={getattr(lm, k)!r} but {lm.path}/config.json says {getattr(theirs, k)!r}"
         for k in SHAPE_KEYS
-        if getattr(lm, k) != getattr(default, k) and getattr(lm, k) != getattr(theirs, k)
+        if getattr(lm, k) != default[k] and getattr(lm, k) != getattr(theirs, k)
     ]
     if clashes:
         raise ConfigError("; ".join(clashes) + " (leave the shape to the folder: a model option with only lm.path)")
@@ -271,9 +274,7 @@ def sync_with_checkpoint(lm: LMConfig) -> LMConfig:
 def pretrained_lm(lm: LMConfig, vocab_size: int, dtype: torch.dtype = torch.float32) -> LanguageModel:
     """The language model of `lm.path`, with room for a tokenizer of
     `vocab_size` tokens (grow_vocab)."""
-    with torch.device("meta"):
-        model = LanguageModel(sync_with_checkpoint(lm))
-    load_weights(model, lm.path, dtype)
+    model = from_pretrained(lm.path, dtype=dtype, cfg=sync_with_checkpoint(lm))
     if vocab_size > model.cfg.vocab_size:
         grow_vocab(model, vocab_size)
     return model

@@ -6,13 +6,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import svlm.report
 from svlm.cli import command
 from svlm.config import PathsConfig
 from svlm.errors import ConfigError
-from svlm.typed import build
+from svlm.typed import build, to_plain
 
 
 @dataclass
@@ -27,7 +27,7 @@ class ReportConfig:
 
 @command("report", free_text=("sweep",), positional="sweep", doc=svlm.report.__doc__)
 def main(cfg: DictConfig) -> None:
-    svlm.report.report(build(ReportConfig, OmegaConf.to_container(cfg, resolve=True)).sweep)
+    svlm.report.report(build(ReportConfig, to_plain(cfg)).sweep)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from svlm.cli import command
 from svlm.config import PathsConfig
 from svlm.errors import ConfigError
-from svlm.typed import build
+from svlm.typed import build, to_plain
 
 
 @dataclass
@@ -34,7 +34,7 @@ class TrainTokenizerConfig:
 def main(cfg: DictConfig) -> None:
     from svlm.tokenizer import texts_of, train_bpe
 
-    settings = build(TrainTokenizerConfig, OmegaConf.to_container(cfg, resolve=True))
+    settings = build(TrainTokenizerConfig, to_plain(cfg))
     tok = train_bpe(texts_of(settings.files), settings.vocab_size)
     tok.save_pretrained(settings.out)
     print(json.dumps({"out": settings.out, "vocab_size": len(tok)}))

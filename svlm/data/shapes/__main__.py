@@ -8,12 +8,12 @@ import random
 import sys
 from dataclasses import dataclass, field
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from svlm.cli import command
 from svlm.config import PathsConfig
 from svlm.errors import ConfigError
-from svlm.typed import build
+from svlm.typed import build, to_plain
 
 
 @dataclass
@@ -35,7 +35,7 @@ class PictureConfig:
 def main(cfg: DictConfig) -> None:
     from svlm.data.shapes import caption, draw, sample_shapes
 
-    settings = build(PictureConfig, OmegaConf.to_container(cfg, resolve=True))
+    settings = build(PictureConfig, to_plain(cfg))
     rng = random.Random(settings.seed)
     shapes = sample_shapes(settings.max_shapes, rng)
     draw(shapes, settings.size, rng).save(settings.out)
