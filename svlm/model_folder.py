@@ -6,7 +6,8 @@ renamed into place), so a folder that exists is complete.
     <folder>/config.json         the VLMConfig (with image_placement: how prompts place images)
     <folder>/vision_config.json  the DINOv2 config (so loading needs no DINOv2 download)
     <folder>/svlm.json           stage, model name and key, step, finished_at, metrics
-    <folder>/tokenizer.json ...  the tokenizer, with its chat template
+    <folder>/tokenizer.json ...  the tokenizer, with its chat template (ours, or with
+                                 chat_format "tokenizer" the pretrained LM's own)
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def save_model(
             save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
         model.vision.dinov2.config.to_json_file(tmp / "vision_config.json")
-        tokenizer.chat_template = chat_template(model.cfg.image_placement)
+        if model.cfg.chat_format == "ours":
+            tokenizer.chat_template = chat_template(model.cfg.image_placement)
         tokenizer.save_pretrained(tmp)
         (tmp / META).write_text(json.dumps({**meta, "finished_at": time.time()}, indent=2))
     return Path(folder)
@@ -163,7 +165,8 @@ def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") ->
             f"{folder}/model.safetensors does not match its config.json: "
             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
-    tokenizer = load_tokenizer(folder)
-    tokenizer.chat_template = chat_template(cfg.image_placement)
+    tokenizer = load_tokenizer(folder, "auto" if cfg.chat_format == "tokenizer" else "ours")
+    if cfg.chat_format == "ours":
+        tokenizer.chat_template = chat_template(cfg.image_placement)
     meta = json.loads((folder / META).read_text())
     return model.to(device).eval(), tokenizer, meta

@@ -163,14 +163,14 @@ def test_generation_with_and_without_cache(trained, shapes_root):
     _, (_, stage2) = trained
     model, tokenizer, _ = load_model(stage2)
     enc, ids, pixels = _batch(model, tokenizer, shapes_root)
-    kw = dict(stop_id=-1, max_new_tokens=12)  # never stops early: compare 12 tokens
+    kw = dict(stop_ids=-1, max_new_tokens=12)  # never stops early: compare 12 tokens
     with_cache = generate(model, ids, pixels, use_cache=True, **kw)
     without = generate(model, ids, pixels, use_cache=False, **kw)
     assert with_cache == without
     assert [len(r) for r in with_cache] == [12, 12]
     # stopping at <|end|> returns what comes before it
     want = [r[: r.index(enc.end_id)] if enc.end_id in r else r for r in with_cache]
-    assert generate(model, ids, pixels, stop_id=enc.end_id, max_new_tokens=12) == want
+    assert generate(model, ids, pixels, stop_ids=enc.end_id, max_new_tokens=12) == want
 
 
 def test_generation_with_and_without_cache_varied(make_train_cfg, tokenizer, shapes_root):
@@ -178,12 +178,12 @@ def test_generation_with_and_without_cache_varied(make_train_cfg, tokenizer, sha
     varied things, so a cache that fed the wrong token or position would show."""
     model = build_model(make_train_cfg("model.lm.tie_embeddings=false"), tokenizer).eval()
     _, ids, pixels = _batch(model, tokenizer, shapes_root)
-    with_cache = generate(model, ids, pixels, stop_id=-1, max_new_tokens=12, use_cache=True)
-    without = generate(model, ids, pixels, stop_id=-1, max_new_tokens=12, use_cache=False)
+    with_cache = generate(model, ids, pixels, stop_ids=-1, max_new_tokens=12, use_cache=True)
+    without = generate(model, ids, pixels, stop_ids=-1, max_new_tokens=12, use_cache=False)
     assert with_cache == without
     assert len(set(with_cache[0])) >= 4 and with_cache[0] != with_cache[1]  # a meaningful comparison
     k = next(i for i, t in enumerate(with_cache[0]) if i > 0 and t not in with_cache[0][:i])
-    stopped = generate(model, ids[:1], pixels[:1], stop_id=with_cache[0][k], max_new_tokens=12)
+    stopped = generate(model, ids[:1], pixels[:1], stop_ids=with_cache[0][k], max_new_tokens=12)
     assert stopped == [with_cache[0][:k]]
 
 

@@ -198,7 +198,7 @@ def generation_speed(model: VLM, device, new_tokens: int) -> dict:
     out = {}
     for cache in (True, False):
         t0 = time.perf_counter()
-        (ids,) = generate(model, prompt, batch["pixel_values"], stop_id=-1, max_new_tokens=n, use_cache=cache)
+        (ids,) = generate(model, prompt, batch["pixel_values"], stop_ids=-1, max_new_tokens=n, use_cache=cache)
         out["with_cache" if cache else "without_cache"] = len(ids) / (time.perf_counter() - t0)
     model.train()
     out["new_tokens"] = n

@@ -52,6 +52,31 @@ def place_images(text: str, placement: ImagePlacement = "first") -> str:
     return tags + "".join(f"\n{piece}" for piece in pieces if piece)
 
 
+# place(text): a user turn's text with its <image> tags placed (place_images, in Jinja).
+_PLACE_MACRO = (
+    "{%- macro place(text) -%}"
+    "{%- if not images_first or '<image>' not in text -%}{{ text }}"
+    "{%- else -%}"
+    "{%- set ns = namespace(tags=[], rest='') -%}"
+    "{%- for piece in text.split('<image>') -%}"
+    "{%- if not loop.first %}{% set ns.tags = ns.tags + ['<image>'] %}{% endif -%}"
+    "{%- if piece.strip() %}{% set ns.rest = ns.rest + '\\n' + piece.strip() %}{% endif -%}"
+    "{%- endfor -%}"
+    "{{ ns.tags | join('\\n') }}{{ ns.rest }}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+)
+# text: a message's content as one string, its parts joined by newlines and an image part as <image>.
+_TEXT_OF_MESSAGE = (
+    "{%- if message['content'] is string %}{% set text = message['content'] -%}"
+    "{%- else %}{% set ns = namespace(parts=[]) -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' %}{% set ns.parts = ns.parts + ['<image>'] -%}"
+    "{%- elif part['type'] == 'text' %}{% set ns.parts = ns.parts + [part['text']] %}{% endif -%}"
+    "{%- endfor %}{% set text = ns.parts | join('\\n') %}{% endif -%}"
+)
+
+
 def chat_template(placement: ImagePlacement = "first") -> str:
     """The template as Jinja, for transformers' apply_chat_template: content is
     a string (with <image> tags) or a list of {"type": "image"} / {"type":
@@ -60,31 +85,37 @@ def chat_template(placement: ImagePlacement = "first") -> str:
     placement as place_images."""
     first = "true" if placement == "first" else "false"
     return (
-        "{%- macro place(text) -%}"
-        "{%- if not images_first or '<image>' not in text -%}{{ text }}"
-        "{%- else -%}"
-        "{%- set ns = namespace(tags=[], rest='') -%}"
-        "{%- for piece in text.split('<image>') -%}"
-        "{%- if not loop.first %}{% set ns.tags = ns.tags + ['<image>'] %}{% endif -%}"
-        "{%- if piece.strip() %}{% set ns.rest = ns.rest + '\\n' + piece.strip() %}{% endif -%}"
-        "{%- endfor -%}"
-        "{{ ns.tags | join('\\n') }}{{ ns.rest }}"
-        "{%- endif -%}"
-        "{%- endmacro -%}"
-        f"{{%- set images_first = {first} -%}}"
-        "{%- for message in messages -%}"
-        "{%- if message['content'] is string %}{% set text = message['content'] -%}"
-        "{%- else %}{% set ns = namespace(parts=[]) -%}"
-        "{%- for part in message['content'] -%}"
-        "{%- if part['type'] == 'image' %}{% set ns.parts = ns.parts + ['<image>'] -%}"
-        "{%- elif part['type'] == 'text' %}{% set ns.parts = ns.parts + [part['text']] %}{% endif -%}"
-        "{%- endfor %}{% set text = ns.parts | join('\\n') %}{% endif -%}"
-        "{{ '<|' + message['role'] + '|>\\n' }}"
+        _PLACE_MACRO + f"{{%- set images_first = {first} -%}}"
+        "{%- for message in messages -%}" + _TEXT_OF_MESSAGE + "{{ '<|' + message['role'] + '|>\\n' }}"
         "{{ place(text) if message['role'] == 'user' else text }}"
         "{{ '<|end|>\\n' }}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif -%}"
     )
+
+
+def with_our_content(template: str, placement: ImagePlacement = "first") -> str:
+    """A tokenizer's own template, made to read messages the way ours does
+    (content parts joined, a user turn's images placed) before it renders
+    them: what an exported model's processor carries."""
+    first = "true" if placement == "first" else "false"
+    return (
+        _PLACE_MACRO + f"{{%- set images_first = {first} -%}}"
+        "{%- set converted = namespace(messages=[]) -%}"
+        "{%- for message in messages -%}" + _TEXT_OF_MESSAGE + "{%- set converted.messages = converted.messages + "
+        "[{'role': message['role'], 'content': place(text) if message['role'] == 'user' else text}] -%}"
+        "{%- endfor -%}"
+        "{%- set messages = converted.messages -%}" + template
+    )
+
+
+def without_our_content(template: str) -> tuple[str, ImagePlacement] | None:
+    """(the tokenizer's own template, placement) of a with_our_content template; None for any other."""
+    for placement in ("first", "inline"):
+        prelude = with_our_content("", placement)
+        if template.startswith(prelude):
+            return template[len(prelude) :], placement
+    return None
 
 
 JINJA_TEMPLATE = chat_template("first")
@@ -101,23 +132,51 @@ def render(
     return text + (f"{ASSISTANT_TOKEN}\n" if add_generation_prompt else "")
 
 
-class ChatEncoder:
-    """Turns conversations into input ids and labels for one tokenizer."""
+ChatFormat = Literal["ours", "tokenizer"]
+OUR_TEMPLATES = (chat_template("first"), chat_template("inline"))
 
-    def __init__(self, tokenizer, num_image_tokens: int, image_placement: ImagePlacement = "first") -> None:
+
+def chat_format_of(tokenizer) -> ChatFormat:
+    """ "tokenizer" when the tokenizer kept a chat template of its own (svlm.tokenizer.finish), else "ours"."""
+    own = tokenizer.chat_template
+    return "tokenizer" if own and own not in OUR_TEMPLATES else "ours"
+
+
+class ChatEncoder:
+    """Turns conversations into input ids and labels for one tokenizer, with our
+    template or (chat_format "tokenizer") the tokenizer's own (svlm/data/lm_template.py)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        num_image_tokens: int,
+        image_placement: ImagePlacement = "first",
+        chat_format: ChatFormat = "ours",
+        stop_ids: tuple[int, ...] = (),
+    ) -> None:
         self.tok = tokenizer
         self.num_image_tokens = num_image_tokens
         self.image_placement = image_placement
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.end_id = tokenizer.convert_tokens_to_ids(END_TOKEN)
-        self.pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+        self.pad_id = tokenizer.pad_token_id
+        self.template = None
+        if chat_format == "tokenizer":
+            from svlm.data.lm_template import LMTemplate
+
+            self.template = LMTemplate(tokenizer, getattr(tokenizer, "name_or_path", "the tokenizer"))
+            self.end_id = self.template.end_id
+        else:
+            self.end_id = tokenizer.convert_tokens_to_ids(END_TOKEN)
+        # Generation stops at the end of a turn, and at the LM's own end-of-text ids (its generation_config).
+        self.stop_ids = list(dict.fromkeys([self.end_id, *stop_ids]))
         bos = getattr(tokenizer, "bos_token_id", None)
-        self.prefix = [bos] if bos is not None else []
+        self.prefix = [bos] if bos is not None and self.template is None else []  # a template writes its own
 
     @classmethod
     def for_model(cls, tokenizer, model) -> ChatEncoder:
-        """The encoder a VLM was trained with: its image slots and image placement."""
-        return cls(tokenizer, model.num_image_tokens, model.cfg.image_placement)
+        """The encoder a VLM was trained with: its image slots, image placement and chat format."""
+        cfg = model.cfg
+        return cls(tokenizer, model.num_image_tokens, cfg.image_placement, cfg.chat_format, tuple(cfg.stop_ids))
 
     def _ids(self, text: str) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False)
@@ -127,11 +186,12 @@ class ChatEncoder:
         return out
 
     def encode(self, turns: list[tuple[str, str]], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-        """-> (input_ids, labels); labels are IGNORE except on assistant text + <|end|>."""
+        """-> (input_ids, labels); labels are IGNORE except on assistant text + the end-of-turn token."""
+        turns = [(role, place_images(text, self.image_placement) if role == "user" else text) for role, text in turns]
+        if self.template is not None:
+            return self._encode_pieces(self.template.pieces(turns, add_generation_prompt))
         ids, labels = list(self.prefix), [IGNORE] * len(self.prefix)
         for role, content in turns:
-            if role == "user":
-                content = place_images(content, self.image_placement)
             head = self._ids(f"<|{role}|>\n")
             body = self._ids(content) + [self.end_id]
             tail = self._ids("\n")
@@ -142,6 +202,15 @@ class ChatEncoder:
             head = self._ids(f"{ASSISTANT_TOKEN}\n")
             ids += head
             labels += [IGNORE] * len(head)
+        return ids, labels
+
+    def _encode_pieces(self, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, supervised in pieces:
+            piece = self._ids(text)
+            ids += piece
+            labels += piece if supervised else [IGNORE] * len(piece)
         return ids, labels
 
     def prompt(self, question: str, history: list[tuple[str, str]] | None = None, image: bool = True) -> list[int]:

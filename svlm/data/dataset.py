@@ -27,6 +27,7 @@ class Example:
     image: Path | None
     where: str
     meta: dict
+    question: str = ""  # the first user turn's text, without image tags (what the sample grid shows)
 
 
 def encode_record(rec: Record, encoder: ChatEncoder, image_dir: Path, max_len: int) -> tuple[Example, bool]:
@@ -46,7 +47,10 @@ def encode_record(rec: Record, encoder: ChatEncoder, image_dir: Path, max_len: i
             raise DataError(rec.where, "missing image", str(image))
     elif n_images:
         raise DataError(rec.where, "missing image", "<image> in the text but no 'image' key")
-    ids, labels = encoder.encode(rec.turns)
+    try:
+        ids, labels = encoder.encode(rec.turns)
+    except ValueError as e:  # a tokenizer's own chat template refused or rewrote the conversation
+        raise DataError(rec.where, "chat template", str(e)) from None
     cut = len(ids) > max_len
     if cut:
         slots = [i for i, t in enumerate(ids) if t == encoder.image_id]
@@ -57,7 +61,8 @@ def encode_record(rec: Record, encoder: ChatEncoder, image_dir: Path, max_len: i
             raise DataError(rec.where, "too long", f"no answer left within max_len={max_len}")
     if all(lab == IGNORE for lab in labels[1:]):
         raise DataError(rec.where, "no supervised token", "nothing to learn")
-    return Example(ids, labels, image, rec.where, rec.meta), cut
+    question = next((text for role, text in rec.turns if role == "user"), "").replace(IMAGE_TOKEN, "").strip()
+    return Example(ids, labels, image, rec.where, rec.meta, question), cut
 
 
 class _Conversations(Dataset):

@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from svlm.atomic import new_file
-from svlm.data.chat import IGNORE, USER_TOKEN, ChatEncoder
+from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.formats import DataError
 from svlm.data.images import open_image
 from svlm.evaluation.evaluate import normalize
@@ -117,13 +117,7 @@ def _first_question(ds, index: int, encoder: ChatEncoder, processor: ImageProces
     start = next(i for i, lab in enumerate(ex.labels) if lab != IGNORE)  # first answer token
     end = ex.labels.index(encoder.end_id, start) if encoder.end_id in ex.labels[start:] else len(ex.labels)
     prompt = ex.input_ids[:start]
-    # The question: the ids after the last user marker, up to its end of turn, without image slots.
-    user_id = encoder.tok.convert_tokens_to_ids(USER_TOKEN)
-    last_user = max((i for i, t in enumerate(prompt) if t == user_id), default=-1)
-    question = prompt[last_user + 1 :]
-    if encoder.end_id in question:
-        question = question[: question.index(encoder.end_id)]
-    text = encoder.tok.decode([t for t in question if t != encoder.image_id], skip_special_tokens=True).strip()
+    text = ex.question
     pixels = processor(image) if image is not None else None
     display = ImageProcessor.to_rgb(image) if image is not None else None
     return _Prompt(text, prompt, ex.labels[start:end], display, pixels)
@@ -155,7 +149,7 @@ def answer_samples(
             pixels = torch.stack([prompts[k].pixels for k in members]).to(device) if has_pixels else None
             budget = max(len(prompts[k].reference) for k in members) + MARGIN_TOKENS
             with autocast():
-                outs = generate(model, input_ids, pixels, encoder.end_id, budget)
+                outs = generate(model, input_ids, pixels, encoder.stop_ids, budget)
             answers.update(zip(members, outs))
     model.train(was_training)
     decode = encoder.tok.decode

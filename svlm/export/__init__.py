@@ -32,7 +32,7 @@ import torch
 
 from svlm.atomic import new_folder
 from svlm.config import PathsConfig
-from svlm.data.chat import END_TOKEN, IMAGE_TOKEN, chat_template
+from svlm.data.chat import IMAGE_TOKEN, chat_template, without_our_content
 from svlm.errors import ConfigError
 from svlm.export import internvl, llava
 from svlm.export.parts import check_out_folder, generation_config, lm_problems, processor
@@ -148,18 +148,23 @@ def import_model(folder: str | Path, out: str | Path) -> Path:
     fmt = FORMATS[config.model_type]
     proc = AutoProcessor.from_pretrained(folder, local_files_only=True)
     cfg, dinov2_config = fmt.vlm_config(config, proc.image_processor)
-    cfg.image_placement = "inline" if proc.chat_template == chat_template("inline") else "first"
+    own = without_our_content(proc.chat_template)  # (the LM's template, placement), or None: ours
+    cfg.image_placement = own[1] if own else "inline" if proc.chat_template == chat_template("inline") else "first"
     model = VLM(cfg, dinov2_config=dinov2_config)
     # transformers reads the weights (whatever key format the files use) into its modules.
     weights = fmt.model_class().from_pretrained(folder, dtype=torch.float32).state_dict()
     state = model.state_dict()  # a name with no counterpart (DINOv2's mask token) keeps its initial value
     state.update({name: weights[fmt.hf_name(name)] for name in state if fmt.hf_name(name) is not None})
     model.load_state_dict(state, strict=True)
-    tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(folder, "auto" if own else "ours")
+    if own:
+        tokenizer.chat_template, cfg.chat_format = own[0], "tokenizer"
+        eos = config.text_config.eos_token_id
+        cfg.stop_ids = [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
     if len(tokenizer) != cfg.lm.vocab_size:
         raise ConfigError(
             f"from_llava={str(folder)!r}: the tokenizer has {len(tokenizer)} tokens (with our chat tokens "
-            f"{IMAGE_TOKEN}, {END_TOKEN}, ...) but the model's vocabulary is {cfg.lm.vocab_size}"
+            f"{IMAGE_TOKEN}, ...) but the model's vocabulary is {cfg.lm.vocab_size}"
         )
     meta = {"stage": "import", "model": f"{fmt.MODEL_TYPE}-import", "source": str(folder.resolve()), "finished": True}
     return save_model(out, model, tokenizer, meta)

@@ -14,7 +14,7 @@ import copy
 import json
 from pathlib import Path
 
-from svlm.data.chat import END_TOKEN, IMAGE_TOKEN, PAD_TOKEN, chat_template
+from svlm.data.chat import IMAGE_TOKEN, ChatEncoder, chat_template, with_our_content
 from svlm.errors import ConfigError
 from svlm.models.language_model import LMConfig
 from svlm.models.pretrained import lm_config_of, text_config, their_name
@@ -52,12 +52,14 @@ def lm_name(rest: str) -> str:
 
 
 def llm_config(model: VLM, tokenizer):
-    """The language model's transformers config: Llama, Qwen2 or Qwen3 (models/pretrained.py)."""
+    """The language model's transformers config: Llama, Qwen2 or Qwen3 (models/pretrained.py),
+    with the ids our generation stops at as its eos ids."""
+    stops = ChatEncoder.for_model(tokenizer, model).stop_ids
     return text_config(
         model.cfg.lm,
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.convert_tokens_to_ids(END_TOKEN),
-        pad_token_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+        eos_token_id=stops[0] if len(stops) == 1 else stops,
+        pad_token_id=tokenizer.pad_token_id,
     )
 
 
@@ -99,10 +101,15 @@ def image_processor(vision: VisionConfig):
 def processor(model: VLM, tokenizer, token_patch: int, strategy: str):
     """LLaVA's processor: one <image> becomes (image_size / token_patch)^2 image
     tokens (+1 with strategy "full"), with no markers around them; the chat
-    template is the model folder's own (svlm.data.chat.chat_template)."""
+    template formats as the model folder does: ours (svlm.data.chat.chat_template),
+    or the tokenizer's own reading messages as ours does (with_our_content)."""
     from transformers import LlavaProcessor
 
-    template = chat_template(model.cfg.image_placement)
+    placement = model.cfg.image_placement
+    if model.cfg.chat_format == "ours":
+        template = chat_template(placement)
+    else:
+        template = with_our_content(tokenizer.chat_template, placement)
     tokenizer = copy.deepcopy(tokenizer)  # the caller's keeps its own
     tokenizer.chat_template = template
     return LlavaProcessor(

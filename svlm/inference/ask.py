@@ -36,7 +36,7 @@ def ask(cfg: InferConfig) -> str:
             model,
             input_ids,
             pixel_values,
-            encoder.end_id,
+            encoder.stop_ids,
             cfg.max_new_tokens,
             cfg.temperature,
             cfg.top_k,

@@ -1,9 +1,10 @@
 """Text generation with the KV cache: greedy by default, or sampling with
-temperature, top-k and top-p. Stops at the end-of-turn token."""
+temperature, top-k and top-p. Stops at the end-of-turn token (and at any other
+stop id the model has: a pretrained LM's end-of-text)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -40,7 +41,7 @@ def generate(
     model: VLM,
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor | None,
-    stop_id: int,
+    stop_ids: int | Sequence[int],
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_k: int = 0,
@@ -51,7 +52,7 @@ def generate(
 ) -> list[list[int]]:
     """Continue each prompt of `input_ids` (B, T): prompts of one batch have the
     same length (no padding). Returns the new ids of each row, up to and
-    excluding the stop token. `on_token` sees row 0's ids so far (streaming)."""
+    excluding the first stop token (one of `stop_ids`). `on_token` sees row 0's ids so far (streaming)."""
     model.eval()
     B = input_ids.shape[0]
     room = model.cfg.lm.max_seq_len - input_ids.shape[1]
@@ -59,11 +60,12 @@ def generate(
     cache = KVCache() if use_cache else None
     out = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    stops = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=input_ids.device)
     seq = input_ids
     logits = model(input_ids, pixel_values, cache=cache).logits[:, -1]  # (B, V)
     for _ in range(max_new_tokens):
         nxt = pick_next(logits, temperature, top_k, top_p, generator)  # (B,)
-        done |= nxt == stop_id
+        done |= torch.isin(nxt, stops)
         for b in range(B):
             if not done[b]:
                 out[b].append(int(nxt[b]))

@@ -271,6 +271,21 @@ def sync_with_checkpoint(lm: LMConfig) -> LMConfig:
     return dataclasses.replace(theirs, path=lm.path, dropout=lm.dropout)
 
 
+def eos_ids(folder: str | Path) -> list[int]:
+    """The end-of-text ids generation stops at: generation_config.json's
+    eos_token_id (one or a list), else config.json's; [] when neither says."""
+    for name in ("generation_config.json", "config.json"):
+        file = Path(folder) / name
+        if file.is_file():
+            try:
+                eos = json.loads(file.read_text()).get("eos_token_id")
+            except ValueError as e:
+                raise ConfigError(f"{file}: not valid JSON ({e})") from None
+            if eos is not None:
+                return [int(i) for i in (eos if isinstance(eos, list) else [eos])]
+    return []
+
+
 def pretrained_lm(lm: LMConfig, vocab_size: int, dtype: torch.dtype = torch.float32) -> LanguageModel:
     """The language model of `lm.path`, with room for a tokenizer of
     `vocab_size` tokens (grow_vocab)."""

@@ -24,6 +24,8 @@ class VLMConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     image_token_id: int = -1  # set from the tokenizer
     image_placement: str = "first"  # where prompts put a user turn's images (svlm/data/chat.py)
+    chat_format: str = "ours"  # "ours" or "tokenizer": the tokenizer's own chat template (svlm/data/lm_template.py)
+    stop_ids: list[int] = field(default_factory=list)  # generation also stops here (a pretrained LM's eos ids)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,6 +38,8 @@ class VLMConfig:
             lm=LMConfig(**d["lm"]),
             image_token_id=d["image_token_id"],
             image_placement=d.get("image_placement", "first"),  # folders from before it was recorded: first
+            chat_format=d.get("chat_format", "ours"),
+            stop_ids=list(d.get("stop_ids", [])),
         )
 
 

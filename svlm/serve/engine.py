@@ -210,7 +210,7 @@ class Engine:
                     self.model,
                     prompt.input_ids.to(device),
                     pixel_values,
-                    self.encoder.end_id,
+                    self.encoder.stop_ids,
                     room,
                     request.temperature,
                     request.top_k,

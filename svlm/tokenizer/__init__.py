@@ -1,6 +1,8 @@
 """Tokenizers: our byte-level BPE trained from the data's text in seconds, or
-any local Hugging Face tokenizer folder. Both come out as a transformers
-`PreTrainedTokenizerFast` with the chat's special tokens and chat template.
+any local Hugging Face tokenizer folder (a pretrained LM's). Both come out as
+a transformers tokenizer with an <image> token and a chat template: ours
+(svlm/data/chat.py, with its special tokens), or with `chat_template=auto`
+the folder's own when it has one (svlm/data/lm_template.py).
 
     python -m svlm.tokenizer files=[data.jsonl,more.jsonl] vocab_size=6400 out=my-tokenizer
 """
@@ -12,12 +14,13 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from svlm.atomic import new_folder
-from svlm.data.chat import IMAGE_TOKEN, JINJA_TEMPLATE, PAD_TOKEN, SPECIAL_TOKENS
+from svlm.data.chat import IMAGE_TOKEN, JINJA_TEMPLATE, OUR_TEMPLATES, PAD_TOKEN, SPECIAL_TOKENS
 from svlm.errors import ConfigError
 
 
@@ -25,6 +28,8 @@ from svlm.errors import ConfigError
 class TokenizerConfig:
     path: str | None = None  # a local tokenizer folder; None: train our BPE on the data
     vocab_size: int = 512  # for our BPE
+    # auto: a tokenizer folder's own chat template when it has one, else ours; ours: always ours
+    chat_template: Literal["auto", "ours"] = "auto"
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -42,17 +47,25 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     return finish(PreTrainedTokenizerFast(tokenizer_object=tok))
 
 
-def finish(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Add the chat's special tokens that are missing, set the pad token and the template."""
-    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+def finish(tok: PreTrainedTokenizerBase, chat_template: str = "ours") -> PreTrainedTokenizerBase:
+    """Add the tokens the chat needs that are missing, and set the pad token and
+    the template: ours, or with "auto" the tokenizer's own if it has one (then
+    only <image>, and <pad> if it has no pad token, are added)."""
+    own = chat_template == "auto" and bool(tok.chat_template) and tok.chat_template not in OUR_TEMPLATES
+    needed = ([IMAGE_TOKEN] + ([] if tok.pad_token is not None else [PAD_TOKEN])) if own else SPECIAL_TOKENS
+    missing = [t for t in needed if t not in tok.get_vocab()]
     if missing:
         tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
-    tok.pad_token = PAD_TOKEN
-    tok.chat_template = JINJA_TEMPLATE
+    if not own:
+        tok.pad_token = PAD_TOKEN
+        tok.chat_template = JINJA_TEMPLATE
+    elif tok.pad_token is None:
+        tok.pad_token = PAD_TOKEN
     return tok
 
 
-def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | os.PathLike, chat_template: str = "ours") -> PreTrainedTokenizerBase:
+    """The tokenizer of a local folder, finished (see `finish`)."""
     folder = Path(path)
     if not folder.is_dir():
         raise ConfigError(f"tokenizer.path={str(path)!r}: no such folder")
@@ -60,7 +73,7 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
         raise ConfigError(
             f"tokenizer.path={str(path)!r}: no tokenizer there (expected tokenizer.json or tokenizer.model)"
         )
-    return finish(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    return finish(AutoTokenizer.from_pretrained(folder, local_files_only=True), chat_template)
 
 
 def texts_of(jsonl_files: Iterable[str | os.PathLike], max_records: int | None = None) -> Iterable[str]:
@@ -81,7 +94,7 @@ def tokenizer_for_data(cfg: TokenizerConfig, train_files: list[Path]) -> PreTrai
     """The configured tokenizer folder, or our BPE trained once on `train_files`
     and cached next to the first of them."""
     if cfg.path is not None:
-        return load_tokenizer(cfg.path)
+        return load_tokenizer(cfg.path, cfg.chat_template)
     h = hashlib.sha256()
     for f in train_files:
         st = Path(f).stat()

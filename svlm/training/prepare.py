@@ -24,7 +24,7 @@ from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
 from svlm.config import ConfigError, StageConfig, TrainConfig
-from svlm.data.chat import ChatEncoder
+from svlm.data.chat import ChatEncoder, chat_format_of
 from svlm.data.dataset import ChatDataset, Collator, LazyChatDataset, MixedDataset
 from svlm.data.feature_cache import attach as attach_features
 from svlm.data.feature_cache import cache_applies
@@ -34,7 +34,7 @@ from svlm.data.source import load_splits, train_files
 from svlm.evaluation.evaluate import shard
 from svlm.memory import CONTEXT_GIB, choose_optimizer
 from svlm.model_folder import load_model, model_key
-from svlm.models.pretrained import pretrained_lm
+from svlm.models.pretrained import eos_ids, pretrained_lm
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.tokenizer import tokenizer_for_data
@@ -54,6 +54,8 @@ def build_model(cfg: TrainConfig, tokenizer) -> VLM:
         lm=lm,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         image_placement=cfg.model.image_placement,
+        chat_format=chat_format_of(tokenizer),
+        stop_ids=eos_ids(cfg.model.lm.path) if cfg.model.lm.path else [],
     )
     return VLM(vlm_cfg, lm=pretrained)
 

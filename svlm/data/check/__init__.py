@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from svlm.config import TrainConfig
-from svlm.data.chat import IGNORE, ChatEncoder
+from svlm.data.chat import IGNORE, ChatEncoder, chat_format_of
 from svlm.data.dataset import ChatDataset
 from svlm.data.formats import BadSamples, DataError
 from svlm.data.images import open_image
@@ -78,7 +78,7 @@ def check(cfg: TrainConfig) -> dict:
     vision = sync_with_checkpoint(cfg.model.vision) if cfg.model.vision.path else cfg.model.vision
     grid = vision.image_size // vision.patch_size
     n_slots = count_tokens(cfg.model.projector, grid * grid + vision.use_cls)
-    encoder = ChatEncoder(tokenizer, n_slots, cfg.model.image_placement)
+    encoder = ChatEncoder(tokenizer, n_slots, cfg.model.image_placement, chat_format_of(tokenizer))
     max_len = min(cfg.data.max_len, cfg.model.lm.max_seq_len)
     reports = []
     for task in tasks:
