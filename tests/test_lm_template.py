@@ -130,7 +130,9 @@ def test_generation_stops_at_the_first_of_its_stop_ids(make_train_cfg, tokenizer
     model = build_model(make_train_cfg(), tokenizer).eval()
     ids = torch.randint(10, 100, (1, 12), generator=torch.Generator().manual_seed(0))
     free = generate(model, ids, None, stop_ids=-1, max_new_tokens=8)[0]
-    assert generate(model, ids, None, stop_ids=[-1, free[3], free[5]], max_new_tokens=8)[0] == free[: free.index(free[3])]
+    assert (
+        generate(model, ids, None, stop_ids=[-1, free[3], free[5]], max_new_tokens=8)[0] == free[: free.index(free[3])]
+    )
 
 
 def test_the_export_formats_as_we_do(tmp_path, make_train_cfg):
