@@ -16,6 +16,7 @@ from typing import Any, Literal
 from svlm.data.chat import ImagePlacement
 from svlm.errors import ConfigError
 from svlm.models.language_model import LMConfig
+from svlm.models.lora import LoraConfig
 from svlm.models.projector import ProjectorConfig
 from svlm.models.vision import VisionConfig
 from svlm.tokenizer import TokenizerConfig
@@ -118,6 +119,7 @@ class StageConfig:
     train_projector: bool = True
     unfreeze_lm_top_layers: int = -1  # top N blocks of the LM train; -1: all
     train_text_embed: bool = True  # token embeddings (and the tied lm head)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # r > 0: those blocks train through LoRA adapters
     # optimisation
     lr: float = 1e-3
     lr_vision: float | None = None  # None: same as lr
@@ -154,6 +156,10 @@ class StageConfig:
             raise ConfigError(f"stage.warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if len(self.betas) != 2:
             raise ConfigError(f"stage.betas needs two values, got {self.betas}")
+        if self.lora.r and self.unfreeze_lm_top_layers == 0:
+            raise ConfigError(
+                "stage.lora.r > 0 adapts the LM blocks that train, but stage.unfreeze_lm_top_layers=0 trains none"
+            )
         if self.sample_grid < 0:
             raise ConfigError(f"stage.sample_grid is a number of samples (0: no grid), got {self.sample_grid}")
         if not (self.train_vision or self.train_projector or self.unfreeze_lm_top_layers or self.train_text_embed):

@@ -65,6 +65,40 @@ def projector_flops(model: VLM, batch: int) -> float:
     return total * batch
 
 
+def _linear(m: torch.nn.Module) -> float:
+    """Forward FLOPs a token of a linear layer (of the one a LoRA layer wraps)."""
+    base = getattr(m, "base_layer", m)
+    return 2 * base.in_features * base.out_features
+
+
+def _adapter(m: torch.nn.Module) -> tuple[float, float]:
+    """Forward FLOPs a token of a LoRA layer's A and B (0, 0: none)."""
+    if not hasattr(m, "lora_A"):
+        return 0.0, 0.0
+    a, b = m.lora_A["default"], m.lora_B["default"]
+    return 2 * a.in_features * a.out_features, 2 * b.in_features * b.out_features
+
+
+def _adapted_block(layer: torch.nn.Module, f: dict[str, float], below: bool) -> tuple[float, bool]:
+    """FLOPs a token of a block whose own weights are frozen and some of whose
+    linears carry LoRA adapters (svlm/models/lora.py), and whether its output
+    needs a gradient. In forward order, a base matmul gets an input gradient
+    once something before it trains; each adapter gets its weight gradients,
+    B its input gradient, and A one where its input needs it."""
+    attn, mlp = layer.attn, layer.mlp
+    groups = [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj],
+              [m for m in (getattr(mlp, "gate_proj", None), mlp.up_proj) if m is not None], [mlp.down_proj]]  # fmt: skip
+    total, grad = 0.0, below  # grad: what enters the group needs a gradient
+    for i, group in enumerate(groups):
+        if i == 1:  # the attention scores, between q/k/v and o
+            total += f["scores"] * (1 + 2 * grad)
+        for m in group:
+            a, b = _adapter(m)
+            total += _linear(m) * (1 + grad) + 2 * (a + b) + b + a * grad
+        grad = grad or any(hasattr(m, "lora_A") for m in group)
+    return total, grad
+
+
 def _trains(module: torch.nn.Module | None) -> bool:
     return module is not None and any(p.requires_grad for p in module.parameters())
 
@@ -74,8 +108,9 @@ def step_flops(model: VLM, batch: int, tokens: int, head_tokens: int | None = No
     requires_grad flags: each part's forward; in the backward, a weight gradient
     (1 x its matmuls) where the part trains, and an input gradient (1 x its
     matmuls, 2 x the attention scores) where it or something below it trains.
-    So a frozen encoder counts once, and frozen blocks under the trained ones
-    cost no backward. `head_tokens`: the positions of a sequence followed by a
+    So a frozen encoder counts once, frozen blocks under the trained ones
+    cost no backward, and a block trained through LoRA adapters only its
+    adapters' weight gradients. `head_tokens`: the positions of a sequence followed by a
     supervised token, where the loss makes logits (None: all)."""
     lm = model.lm
     f = lm_parts(model.cfg.lm, tokens)
@@ -92,6 +127,10 @@ def step_flops(model: VLM, batch: int, tokens: int, head_tokens: int | None = No
         total += tokens * f["reducer"] * (1 + _trains(lm.reducer) + below)
         below = below or _trains(lm.reducer)
     for layer in lm.layers:
+        if any(hasattr(m, "lora_A") for m in layer.modules()):
+            flops, below = _adapted_block(layer, f, below)
+            total += tokens * flops
+            continue
         trains = _trains(layer)
         # A trained block's norms need the input gradients of every matmul in it, as does anything below.
         total += tokens * (f["block"] * (1 + trains + (below or trains)) + f["scores"] * (1 + 2 * (below or trains)))

@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors
-from safetensors.torch import save_file
 from safetensors.torch import save_model as save_safetensors
 from transformers import Dinov2Config
 
 from svlm.atomic import new_folder
 from svlm.data.chat import chat_template
+from svlm.models.lora import LoraConfig, has_lora, load_adapters, merge, save_adapters, scale_of, split
 from svlm.models.vlm import VLM, VLMConfig
 from svlm.tokenizer import load_tokenizer
 
@@ -66,22 +67,31 @@ def save_model(
     extra: dict[str, object] | None = None,
     extra_dirs: dict[str, Path] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    adapters: LoraConfig | None = None,
 ) -> Path:
     """Write a model folder atomically. `extra` maps file names to objects saved
     with torch.save in the same folder (the trainer state of a checkpoint);
     `extra_dirs` maps names to folders moved into it; `state_dict` holds the
-    weights when the model's own are sharded over processes (FSDP, DeepSpeed)."""
+    weights when the model's own are sharded over processes (FSDP, DeepSpeed).
+    A model with LoRA adapters is saved merged, or with `adapters` (its LoRA
+    settings) unmerged beside them, as a checkpoint (svlm/models/lora.py)."""
     with new_folder(folder) as tmp:
         for name, obj in (extra or {}).items():
             torch.save(obj, tmp / name)
         for name, src in (extra_dirs or {}).items():
             shutil.move(str(src), str(tmp / name))
-        if state_dict is None:
+        if state_dict is None and not has_lora(model):
             save_safetensors(model, str(tmp / "model.safetensors"))
-        else:  # one copy of tied weights, as save_safetensors would keep
+        else:
+            plain, lora = split(state_dict if state_dict is not None else model.state_dict())
+            if adapters is not None and lora:
+                save_adapters(tmp, lora, adapters)
+            elif lora:
+                plain = merge(plain, lora, scale_of(model))
             tied = model.lm.lm_head.weight is model.lm.embed_tokens.weight
-            weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()
-                       if not (tied and k == "lm.lm_head.weight")}  # fmt: skip
+            weights = {
+                k: v.detach().cpu().contiguous() for k, v in plain.items() if not (tied and k == "lm.lm_head.weight")
+            }  # fmt: skip  (one copy, as save_safetensors keeps)
             save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2))
         model.vision.dinov2.config.to_json_file(tmp / "vision_config.json")
@@ -152,14 +162,23 @@ def resolve_model(
     return models[0][1]
 
 
-def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[VLM, object, dict]:
-    """-> (model in eval mode, tokenizer, meta)."""
+def load_model(
+    folder: str | os.PathLike, device: str | torch.device = "cpu", merge_adapters: bool = True
+) -> tuple[VLM, object, dict]:
+    """-> (model in eval mode, tokenizer, meta). A checkpoint's LoRA adapters are
+    merged into its weights (`merge_adapters=False`: left out, for a resume to add)."""
     folder = Path(folder)
     if not is_model_folder(folder):
         raise FileNotFoundError(f"{folder}: not a model folder (needs {', '.join(MODEL_FILES)})")
     cfg = VLMConfig.from_dict(json.loads((folder / "config.json").read_text()))
     model = VLM(cfg, dinov2_config=Dinov2Config.from_json_file(folder / "vision_config.json"))
-    missing, unexpected = load_safetensors(model, str(folder / "model.safetensors"), strict=False)
+    adapters = load_adapters(folder) if merge_adapters else None
+    if adapters is None:
+        missing, unexpected = load_safetensors(model, str(folder / "model.safetensors"), strict=False)
+    else:
+        state = merge(load_file(str(folder / "model.safetensors")), adapters[0], adapters[1].scale)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "lm.lm_head.weight" or not cfg.lm.tie_embeddings]
     if missing or unexpected:
         raise ValueError(
             f"{folder}/model.safetensors does not match its config.json: "

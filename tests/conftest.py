@@ -47,9 +47,9 @@ TOKENIZER_OVERRIDES = ["tokenizer.vocab_size=400"]
 def stage_overrides(stage: str = "both", steps: int = 3, batch: int = 8) -> list[str]:
     """Small batches and a few steps, for stage=stage1, stage2 or both."""
     common = [f"stage.max_steps={steps}"]
-    if stage == "both":
+    if stage in ("both", "llava", "llava_lora"):  # the options holding both stages
         return [
-            "stage=both",
+            f"stage={stage}",
             *common,
             f"stage.stage1.batch_size={batch}",
             f"stage.stage2.batch_size={batch}",

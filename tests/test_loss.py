@@ -13,6 +13,7 @@ from svlm.data.dataset import Collator
 from svlm.evaluation.evaluate import validate
 from svlm.flops import step_flops
 from svlm.models.language_model import LMConfig
+from svlm.models.lora import LoraConfig
 from svlm.models.projector import ProjectorConfig
 from svlm.models.vision import VisionConfig
 from svlm.models.vlm import VLM, VLMConfig, target_positions
@@ -137,6 +138,19 @@ STAGES = {
     "recipe stage 1": dict(train_vision=False, train_projector=True, unfreeze_lm_top_layers=1, train_text_embed=True),
     "projector only": dict(train_vision=False, train_projector=True, unfreeze_lm_top_layers=0, train_text_embed=False),
     "top block only": dict(train_vision=False, train_projector=False, unfreeze_lm_top_layers=1, train_text_embed=False),
+    "LoRA, top block": dict(
+        train_vision=False,
+        train_projector=False,
+        unfreeze_lm_top_layers=1,
+        train_text_embed=False,
+        lora=LoraConfig(r=4),
+    ),  # fmt: skip
+    "LoRA on attention, all blocks, projector": dict(
+        train_vision=False,
+        train_projector=True,
+        train_text_embed=False,
+        lora=LoraConfig(r=4, targets=["q_proj", "v_proj"]),
+    ),  # fmt: skip
 }
 
 

@@ -98,7 +98,8 @@ def save_stage_model(
         "finished": finished,
         "metrics": val,
     }
-    save_model(folder, model, tokenizer, meta, extra, extra_dirs, state_dict)
+    adapters = stage.lora if stage.lora.r and not finished else None  # a checkpoint keeps them apart, to resume
+    save_model(folder, model, tokenizer, meta, extra, extra_dirs, state_dict, adapters)
 
 
 def find_resume(resume: str, outputs: str) -> tuple[Path, Path | None]:

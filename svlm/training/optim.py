@@ -8,12 +8,15 @@ import torch
 from torch import nn
 
 from svlm.config import StageConfig
+from svlm.models.lora import add_lora, has_lora
 from svlm.models.vlm import VLM
 
 
 def set_trainable(model: VLM, stage: StageConfig, fresh: bool = False) -> list[str]:
-    """Freeze and unfreeze parts as the stage says; returns notes about parts
-    left frozen (at random init when the model is `fresh`)."""
+    """Freeze and unfreeze parts as the stage says (with stage.lora, adding the
+    adapters to the LM blocks that train, whose own weights then stay frozen,
+    as do the final norm and the head); returns notes about parts left frozen
+    (at random init when the model is `fresh`)."""
     model.requires_grad_(False)
     model.vision.requires_grad_(stage.train_vision)
     dinov2 = model.vision.dinov2
@@ -29,12 +32,16 @@ def set_trainable(model: VLM, stage: StageConfig, fresh: bool = False) -> list[s
     lm = model.lm
     n_layers = len(lm.layers)
     top = n_layers if stage.unfreeze_lm_top_layers == -1 else min(stage.unfreeze_lm_top_layers, n_layers)
+    lora = stage.lora.r > 0
+    if lora and not has_lora(lm):
+        add_lora(lm, stage.lora, list(range(n_layers - top, n_layers)))
     for block in lm.layers[n_layers - top :]:
-        block.requires_grad_(True)
-    if top:
+        for name, p in block.named_parameters():
+            p.requires_grad_(not lora or ".lora_" in name)
+    if top and not lora:
         lm.norm.requires_grad_(True)
         lm.lm_head.requires_grad_(True)
-    if stage.train_text_embed or top == n_layers:
+    if stage.train_text_embed or (top == n_layers and not lora):  # a model trained whole
         lm.embed_tokens.requires_grad_(True)
         for part in (lm.pos_embed, lm.reducer):
             if part is not None:
@@ -43,6 +50,8 @@ def set_trainable(model: VLM, stage: StageConfig, fresh: bool = False) -> list[s
         lm.lm_head.requires_grad_(True)
     notes = []
     init = " at their random init" if fresh else ""
+    if lora:
+        notes.append(f"the top {top} LM blocks train through rank-{stage.lora.r} LoRA adapters in {stage.name}")
     if top < n_layers:
         notes.append(f"the lowest {n_layers - top} of {n_layers} LM blocks stay frozen{init} in {stage.name}")
     if fresh and not stage.train_vision and model.cfg.vision.path is None:

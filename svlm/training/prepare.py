@@ -34,6 +34,7 @@ from svlm.data.source import load_splits, train_files
 from svlm.evaluation.evaluate import shard
 from svlm.memory import CONTEXT_GIB, choose_optimizer
 from svlm.model_folder import load_model, model_key
+from svlm.models.lora import ADAPTERS, load_adapters
 from svlm.models.pretrained import eos_ids, pretrained_lm
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint
 from svlm.models.vlm import VLM, VLMConfig
@@ -168,7 +169,7 @@ def start_model(cfg, stage, accelerator, init, root, resume, key) -> tuple[VLM, 
     data), with what trains set and gradient checkpointing as hardware asks."""
     start = resume or init
     if start is not None:
-        model, tokenizer, meta = load_model(start)
+        model, tokenizer, meta = load_model(start, merge_adapters=resume is None)  # a resume adds them back
         if meta.get("model_key") != key:
             what = "resume" if resume else "init_from"
             raise ConfigError(
@@ -181,11 +182,25 @@ def start_model(cfg, stage, accelerator, init, root, resume, key) -> tuple[VLM, 
         model = build_model(cfg, tokenizer)
     for w in set_trainable(model, stage, fresh=start is None):
         accelerator.print(f"[{stage.name}] note: {w}")
+    if resume is not None and stage.lora.r:
+        restore_adapters(model, resume)
     if cfg.hardware.grad_checkpointing:  # recompute activations block by block in the backward pass
         model.lm.gradient_checkpointing = True
         if stage.train_vision:
             model.vision.dinov2.gradient_checkpointing_enable()
     return model, tokenizer
+
+
+def restore_adapters(model: VLM, checkpoint: Path) -> None:
+    """The LoRA adapters of a checkpoint, into the ones set_trainable added."""
+    found = load_adapters(checkpoint)
+    if found is None:
+        raise ConfigError(f"resume={checkpoint}: no LoRA adapters there ({ADAPTERS}), but the stage trains with them")
+    missing, unexpected = model.load_state_dict(found[0], strict=False)
+    missing = [k for k in missing if ".lora_" in k]
+    if missing or unexpected:
+        raise ConfigError(f"{checkpoint / ADAPTERS}: adapters that do not fit: missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}")  # fmt: skip
 
 
 def batch_plan(cfg: TrainConfig, stage: StageConfig, world: int, n_samples: int) -> tuple[int, int, int]:
@@ -216,12 +231,15 @@ def make_loaders(cfg, stage, accelerator, train_ds, val_ds, pad_id: int, micro: 
         lengths=lengths, group=stage.batch_size, window=cfg.data.group_window,
     )  # fmt: skip
     workers = cfg.hardware.num_workers
+    # Each loader seeds its workers from its own generator: starting an epoch (as a resume does
+    # mid-epoch) takes nothing from the global RNG, which dropout (LoRA's) draws from.
+    own = lambda: torch.Generator().manual_seed(cfg.seed)  # noqa: E731
     loader = DataLoader(train_ds, batch_size=micro, sampler=sampler, collate_fn=collate, num_workers=workers,
-                        drop_last=len(train_ds) >= micro)  # fmt: skip
+                        drop_last=len(train_ds) >= micro, generator=own())  # fmt: skip
     val_loader = None
     if val_ds is not None:
         val_part = shard(val_ds, accelerator.process_index, accelerator.num_processes)
-        val_loader = DataLoader(val_part, batch_size=micro, collate_fn=collate, num_workers=workers)
+        val_loader = DataLoader(val_part, batch_size=micro, collate_fn=collate, num_workers=workers, generator=own())
     return sampler, loader, val_loader
 
 
