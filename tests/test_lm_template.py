@@ -26,7 +26,19 @@ LLAMA3 = (
     "{{ m['content'] | trim }}<|eot_id|>{% endfor -%}"
     "{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif -%}"
 )
+# Qwen3's way: an empty <think></think> before the answers after the last question,
+# and in the generation prompt when thinking is off.
+QWEN3_LIKE = (
+    "{%- set ns = namespace(last_user=0) -%}"
+    "{%- for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor -%}"
+    "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and loop.index0 > ns.last_user %}<think>\n\n</think>\n\n{% endif %}"
+    "{{ m['content'] }}<|im_end|>\n{% endfor -%}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif -%}"
+)
 STYLES = {
+    "qwen3": (QWEN3_LIKE, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], {"eos_token": "<|im_end|>"}, "<|im_end|>"),
     "chatml": (CHATML, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], {"eos_token": "<|im_end|>"}, "<|im_end|>"),
     "llama3": (
         LLAMA3,
@@ -91,8 +103,12 @@ def test_supervised_tokens_are_the_answers_and_their_end_of_turn(style, tmp_path
     assert ids.count(enc.image_id) == 3 and collapsed == tok(rendered, add_special_tokens=False).input_ids
     # A prompt ends with the template's generation prompt, and holds the history unsupervised.
     prompt = enc.prompt("Where is it?", history=TURNS[:4])
-    gen = tok.apply_chat_template([{"role": "user", "content": "QQ"}], tokenize=False, add_generation_prompt=True)
+    gen = tok.apply_chat_template([{"role": "user", "content": "QQ"}], tokenize=False, add_generation_prompt=True,
+                                  enable_thinking=False)  # fmt: skip
     assert tok.decode(prompt).endswith(gen.split("QQ", 1)[1]) and prompt == enc.encode(TURNS[:5], True)[0]
+    # What a prompt holds is what training fed before that answer.
+    ids, labels = enc.encode(TURNS[:6])
+    assert ids[: len(prompt)] == prompt and labels[len(prompt) - 1] == IGNORE != labels[len(prompt)]
 
 
 def test_ours_when_asked_or_when_the_folder_has_no_template(tmp_path):

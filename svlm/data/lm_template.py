@@ -50,8 +50,11 @@ class LMTemplate:
 
     def _render(self, turns: list[tuple[str, str]], add_generation_prompt: bool) -> str:
         messages = [{"role": role, "content": text} for role, text in turns]
-        try:
-            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        try:  # enable_thinking=False: Qwen3's generation prompt then holds the empty <think></think> its
+            # template writes before a last answer, so a prompt is exactly what training fed before one
+            return self.tok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, enable_thinking=False
+            )
         except Exception as e:  # the template's own raise_exception(...), or a Jinja error
             raise ValueError(f"the chat template of {self.where} refused the conversation: {e}") from e
 
