@@ -1,6 +1,7 @@
 """The memory planner (svlm/memory/) and the memory-lean optimizer (OffloadAdamW)."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 from svlm.config import ConfigError, load_train_config
 from svlm.memory import estimate_memory, saved_bytes
 from svlm.memory.__main__ import main
+from svlm.models.lora import LoraConfig
 from svlm.training.optim import OffloadAdamW, make_optimizer, set_trainable
 
 
@@ -166,3 +168,28 @@ def test_tools_name_a_bad_override_in_one_line(override, named, capsys):
         assert tool_main([override]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and named in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_the_estimate_counts_lora_adapters(tmp_path, cache_dir, tokenizer):
+    """With stage.lora the trained parameters are the adapters (and what else the stage trains), and
+    the weights include them; the measured activations also hold the adapters' own."""
+    from svlm.training.prepare import build_model
+
+    cfg = _cfg(tmp_path, cache_dir, "stage=stage2", "hardware=cpu", "data.max_len=128", "stage.train_vision=false",
+               "stage.train_text_embed=false", "stage.lora.r=8", "stage.lora.dropout=0.1")  # fmt: skip
+    stage = cfg.stages()[0]
+    est = estimate_memory(cfg, stage, micro_batch=4, vocab=len(tokenizer))
+    model = build_model(cfg, tokenizer)
+    set_trainable(model, stage)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    d, L = cfg.model.lm.d_model, cfg.model.lm.n_layers
+    lm = cfg.model.lm
+    qkvo = 2 * (d + lm.n_heads * lm.head_dim) + 2 * (d + lm.n_kv_heads * lm.head_dim)
+    assert adapters == 8 * L * (qkvo + 3 * (d + lm.d_ff))  # r x (in + out) for each of the seven projections
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert est.trained == trained == adapters + sum(p.numel() for p in model.projector.parameters())
+    assert est.params == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert est.grads == 4 * est.trained and est.optimizer_states == 8 * est.trained
+    whole = estimate_memory(cfg, dataclasses.replace(stage, lora=LoraConfig()), micro_batch=4,
+                            vocab=len(tokenizer))  # fmt: skip
+    assert whole.trained > 5 * est.trained and est.activations > whole.activations  # dropout masks, A x
