@@ -8,6 +8,8 @@ renamed into place), so a folder that exists is complete.
     <folder>/svlm.json           stage, model name and key, step, finished_at, metrics
     <folder>/tokenizer.json ...  the tokenizer, with its chat template (ours, or with
                                  chat_format "tokenizer" the pretrained LM's own)
+    <folder>/lora.safetensors    a checkpoint's LoRA adapters, kept apart to resume
+    <folder>/lora.json           (and their r, alpha, dropout, targets); finished folders are merged
 """
 
 from __future__ import annotations
