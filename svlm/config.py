@@ -78,6 +78,7 @@ class DataConfig:
     # encoding every record at start: auto = for files over 100 MB.
     lazy: Literal["auto", "always", "never"] = "auto"
     max_len: int = 512  # tokens, image placeholders included (the original's --fixed_len)
+    max_images: int = 8  # images a sample may have (its "image" list); more: a bad sample
     shuffle: bool = True  # a new order every epoch; false: file order
     group_by_length: bool = True  # batch samples of similar length together (less padding)
     group_window: int = 1  # batches whose samples are sorted by length together (more: less padding, less random)
@@ -100,6 +101,8 @@ class DataConfig:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_file is not None and self.val_fraction > 0:
             raise ConfigError("data.val_file and data.val_fraction both set: use one (set data.val_file=null)")
+        if self.max_images < 1:
+            raise ConfigError(f"data.max_images must be at least 1, got {self.max_images}")
         if self.max_len < 8:
             raise ConfigError(f"data.max_len must be at least 8, got {self.max_len}")
         if self.group_window < 1:

@@ -183,7 +183,7 @@ def test_llava_format(tmp_path):
             ("user", "Colour?"),
             ("assistant", "Black."),
         ]
-        assert r.image == "a.png" and r.meta == {"id": "x1"}
+        assert r.images == ["a.png"] and r.meta == {"id": "x1"}
     assert list(read_records(tmp_path / "llava.json"))[0].where == f"{tmp_path / 'llava.json'}[0]"
 
 
@@ -191,7 +191,7 @@ def test_svlm_format_roles_case_insensitive():
     r = parse_record(
         {"conversations": [{"role": "User", "content": "hi"}, {"role": "ASSISTANT", "content": "yo"}]}, "f:1"
     )
-    assert r.turns == [("user", "hi"), ("assistant", "yo")] and r.image is None
+    assert r.turns == [("user", "hi"), ("assistant", "yo")] and r.images == []
 
 
 GOOD = {"image": "good.png", "conversations": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}
@@ -239,7 +239,7 @@ def test_dataset_skips_and_counts(messy, encoder, processor):
     assert bad.counts == {"malformed JSON": 1, "unknown role": 1, "missing image": 2}
     assert any(ex.startswith(f"{path}:5: missing image") for ex in bad.examples["missing image"])
     assert any(ex.startswith(f"{path}:7: missing image") for ex in bad.examples["missing image"])
-    assert ds[0]["pixel_values"].shape == (3, 32, 32)
+    assert ds[0]["pixel_values"].shape == (1, 3, 32, 32)  # (images, 3, S, S)
     assert ds[1] is None  # the corrupt image is skipped ...
     assert bad.counts["unreadable image"] == 1  # ... and counted
     assert f"{path}:6" in bad.examples["unreadable image"][0]
@@ -297,5 +297,5 @@ def test_no_usable_sample(tmp_path, encoder, processor):
 def test_dataset_pixels_match_processor(shapes_root, encoder, processor):
     ds = ChatDataset([shapes_root / "pretrain_val.jsonl"], shapes_root / "images", encoder, processor, max_len=512)
     item = ds[0]
-    with Image.open(ds.examples[0].image) as im:
-        torch.testing.assert_close(item["pixel_values"], processor(im.convert("RGB")))
+    with Image.open(ds.examples[0].images[0]) as im:
+        torch.testing.assert_close(item["pixel_values"], processor(im.convert("RGB"))[None])

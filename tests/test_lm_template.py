@@ -136,7 +136,7 @@ def test_a_template_that_drops_earlier_answers_names_the_record(tmp_path):
     tok = load_tokenizer(lm_tokenizer(tmp_path, "chatml", template=last_only), "auto")
     enc = ChatEncoder(tok, 1, chat_format="tokenizer")
     with pytest.raises(DataError, match=r"data.jsonl:7: chat template: .*does not write the answer of turn 2"):
-        encode_record(Record([("user", "What colour?"), *TURNS[1:]], None, "data.jsonl:7"), enc, tmp_path, 512)
+        encode_record(Record([("user", "What colour?"), *TURNS[1:]], [], "data.jsonl:7"), enc, tmp_path, 512)
 
 
 def test_generation_stops_at_the_first_of_its_stop_ids(make_train_cfg, tokenizer):

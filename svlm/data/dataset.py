@@ -24,45 +24,50 @@ from svlm.models.vlm import target_positions
 class Example:
     input_ids: list[int]
     labels: list[int]
-    image: Path | None
+    images: list[Path]  # in the order of their placeholder slots
     where: str
     meta: dict
     question: str = ""  # the first user turn's text, without image tags (what the sample grid shows)
 
 
-def encode_record(rec: Record, encoder: ChatEncoder, image_dir: Path, max_len: int) -> tuple[Example, bool]:
+def encode_record(
+    rec: Record, encoder: ChatEncoder, image_dir: Path, max_len: int, max_images: int = 8
+) -> tuple[Example, bool]:
     """A record -> (Example, whether it was cut to max_len); a DataError when it cannot be used."""
-    n_images = sum(c.count(IMAGE_TOKEN) for r, c in rec.turns)
-    image = None
-    if rec.image is not None:
-        if n_images > 1:
-            raise DataError(rec.where, "too many <image>", f"{n_images} <image> tags for one image")
-        turns = rec.turns
-        if n_images == 0:  # an image with no tag: it goes before the first user text
-            first = next(i for i, (r, _) in enumerate(turns) if r == "user")
-            turns = [*turns[:first], ("user", f"{IMAGE_TOKEN}\n{turns[first][1]}"), *turns[first + 1 :]]
-        rec = Record(turns, rec.image, rec.where, rec.meta)
-        image = image_dir / rec.image
+    n_tags = sum(c.count(IMAGE_TOKEN) for r, c in rec.turns)
+    turns = rec.turns
+    if len(rec.images) > max_images:
+        raise DataError(
+            rec.where, "too many images", f"{len(rec.images)} images, more than data.max_images={max_images}"
+        )
+    if rec.images and n_tags == 0:  # images with no tag: they go before the first user text
+        first = next(i for i, (r, _) in enumerate(turns) if r == "user")
+        tags = "\n".join([IMAGE_TOKEN] * len(rec.images))
+        turns = [*turns[:first], ("user", f"{tags}\n{turns[first][1]}"), *turns[first + 1 :]]
+    elif not rec.images:
+        raise DataError(rec.where, "missing image", "<image> in the text but no 'image' key")
+    elif n_tags != len(rec.images):
+        raise DataError(rec.where, "image count", f"{n_tags} <image> tag(s) in the text for {len(rec.images)} images")
+    images = [image_dir / name for name in rec.images]
+    for image in images:
         if not image.is_file():
             raise DataError(rec.where, "missing image", str(image))
-    elif n_images:
-        raise DataError(rec.where, "missing image", "<image> in the text but no 'image' key")
     try:
-        ids, labels = encoder.encode(rec.turns)
+        ids, labels = encoder.encode(turns)
     except ValueError as e:  # a tokenizer's own chat template refused or rewrote the conversation
         raise DataError(rec.where, "chat template", str(e)) from None
     cut = len(ids) > max_len
     if cut:
         slots = [i for i, t in enumerate(ids) if t == encoder.image_id]
         if slots and slots[-1] >= max_len:
-            raise DataError(rec.where, "too long", f"{len(ids)} tokens and the image ends past max_len={max_len}")
+            raise DataError(rec.where, "too long", f"{len(ids)} tokens and an image ends past max_len={max_len}")
         ids, labels = ids[:max_len], labels[:max_len]
         if all(lab == IGNORE for lab in labels[1:]):
             raise DataError(rec.where, "too long", f"no answer left within max_len={max_len}")
     if all(lab == IGNORE for lab in labels[1:]):
         raise DataError(rec.where, "no supervised token", "nothing to learn")
     question = next((text for role, text in rec.turns if role == "user"), "").replace(IMAGE_TOKEN, "").strip()
-    return Example(ids, labels, image, rec.where, rec.meta, question), cut
+    return Example(ids, labels, images, rec.where, rec.meta, question), cut
 
 
 class _Conversations(Dataset):
@@ -79,10 +84,11 @@ class _Conversations(Dataset):
         max_len: int,
         on_error: str = "skip",
         bad: BadSamples | None = None,
+        max_images: int = 8,
     ) -> None:
         """`source`: what the data set reads (see `load`); images are found under
         `image_dir`; bad records are skipped and counted in `bad`, or raised."""
-        self.encoder, self.processor, self.max_len = encoder, processor, max_len
+        self.encoder, self.processor, self.max_len, self.max_images = encoder, processor, max_len, max_images
         self.image_dir = Path(image_dir)
         self.on_error = on_error
         self.bad = bad if bad is not None else BadSamples()
@@ -111,10 +117,10 @@ class _Conversations(Dataset):
         pixels = features = None
         try:
             ex = self.example(i)
-            if ex.image is not None and self.features is not None:
-                features = self.features.get(ex.image, ex.where)  # (P, Dv) float16
-            elif ex.image is not None:
-                pixels = self.processor(open_image(ex.image, ex.where))  # (3, S, S)
+            if ex.images and self.features is not None:
+                features = torch.stack([self.features.get(im, ex.where) for im in ex.images])  # (k, P, Dv) float16
+            elif ex.images:
+                pixels = torch.stack([self.processor(open_image(im, ex.where)) for im in ex.images])  # (k, 3, S, S)
         except DataError as e:
             if self.on_error == "raise":
                 raise
@@ -135,7 +141,7 @@ class ChatDataset(_Conversations):
         for f in files:
             for rec in read_records(f, on_error=self.on_error, bad=self.bad):
                 try:
-                    example, cut = encode_record(rec, self.encoder, self.image_dir, self.max_len)
+                    example, cut = encode_record(rec, self.encoder, self.image_dir, self.max_len, self.max_images)
                 except DataError as e:
                     if self.on_error == "raise":
                         raise
@@ -155,7 +161,7 @@ class ChatDataset(_Conversations):
 
     def image_files(self, indices: Iterable[int] | None = None) -> set[Path]:
         examples = self.examples if indices is None else (self.examples[i] for i in indices)
-        return {e.image for e in examples if e.image is not None}
+        return {image for e in examples for image in e.images}
 
     def split(self, fraction: float, seed: int) -> tuple[ChatDataset, ChatDataset]:
         """(rest, held out): about `fraction` of the samples held out, the same ones for the same seed."""
@@ -187,7 +193,8 @@ class LazyChatDataset(_Conversations):
 
     def example(self, i: int) -> Example:
         offset, lineno = self.index[self.rows[i]]
-        example, cut = encode_record(self.reader.read(offset, lineno), self.encoder, self.image_dir, self.max_len)
+        record = self.reader.read(offset, lineno)
+        example, cut = encode_record(record, self.encoder, self.image_dir, self.max_len, self.max_images)
         if cut and len(self.truncated) < 1000:
             self.truncated.append(example.where)
         return example
@@ -201,8 +208,7 @@ class LazyChatDataset(_Conversations):
                 record = self.reader.read(offset, lineno)
             except DataError:
                 continue
-            if record.image is not None:
-                files.add(self.image_dir / record.image)
+            files.update(self.image_dir / name for name in record.images)
         return files
 
     def split(self, fraction: float, seed: int) -> tuple[LazyChatDataset, LazyChatDataset]:
@@ -247,8 +253,9 @@ class MixedDataset(ConcatDataset):
 class Collator:
     """Pads to the longest sample in the batch (right padding: with a causal
     model, pads at the end never influence the real tokens). Images come as
-    pixel_values (B_img, 3, S, S), empty when there are none, and, from a data
-    set with cached features, as vision_features (B_img, P, Dv) float16 instead."""
+    pixel_values (B_img, 3, S, S), every sample's in order, empty when there are
+    none, and, from a data set with cached features, as vision_features
+    (B_img, P, Dv) float16 instead."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -263,12 +270,12 @@ class Collator:
             ids[b, :n] = torch.tensor(it["input_ids"])
             labels[b, :n] = torch.tensor(it["labels"])
         pixels = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
-        pixel_values = torch.stack(pixels) if pixels else torch.zeros(0)
+        pixel_values = torch.cat(pixels) if pixels else torch.zeros(0)
         batch = {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
         # Where the loss needs logits (positions followed by a supervised token), found
         # here on the CPU: the training step then never asks the GPU how many there are.
         batch["target_index"] = target_positions(labels)
         features = [it["vision_features"] for it in items if it.get("vision_features") is not None]
         if features:
-            batch["vision_features"] = torch.stack(features)
+            batch["vision_features"] = torch.cat(features)
         return batch

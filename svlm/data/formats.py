@@ -4,6 +4,9 @@ Two formats, detected per record:
 - the original SVLM's: {"conversations": [{"role": "user", "content": "..."}, ...], "image": "x.jpg"}
 - LLaVA's: {"id": ..., "image": "x.jpg", "conversations": [{"from": "human", "value": "..."}, ...]}
 
+In either, "image" may be a list of file names: several images, the k-th
+taking the place of the k-th <image> tag.
+
 Every record comes out as a `Record` with turns of ("user" | "assistant", text)
 and the place it came from (file:line), so every problem can be reported
 precisely. A bad record raises `DataError` naming file and line; with
@@ -37,7 +40,7 @@ class DataError(ValueError):
 @dataclass
 class Record:
     turns: list[tuple[str, str]]
-    image: str | None
+    images: list[str]  # file names, in the order their <image> tags appear
     where: str  # file:line
     meta: dict = field(default_factory=dict)  # other keys of the record (id, lang, type, ...)
 
@@ -90,10 +93,11 @@ def parse_record(obj: object, where: str) -> Record:
     if not any(r == "assistant" for r, _ in turns):
         raise DataError(where, "no assistant turn", "nothing to learn from")
     image = obj.get("image")
-    if image is not None and not isinstance(image, str):
-        raise DataError(where, "bad image", f"'image' must be a file name, got {image!r}")
+    images = [] if image is None else [image] if isinstance(image, str) else image
+    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+        raise DataError(where, "bad image", f"'image' must be a file name or a list of them, got {image!r}")
     meta = {k: v for k, v in obj.items() if k not in ("conversations", "image")}
-    return Record(turns, image, where, meta)
+    return Record(turns, images, where, meta)
 
 
 def read_records(path: str | os.PathLike, on_error: str = "raise", bad: BadSamples | None = None) -> Iterator[Record]:

@@ -68,7 +68,7 @@ def open_dataset(
             raise ConfigError(f"data.lazy=always reads .jsonl files one line at a time; {path} is not one")
         lazy = False  # a JSON list has to be parsed whole
     cls = LazyChatDataset if lazy else ChatDataset
-    return cls(path if lazy else [path], images, encoder, processor, max_len, cfg.on_error, bad)
+    return cls(path if lazy else [path], images, encoder, processor, max_len, cfg.on_error, bad, cfg.max_images)
 
 
 def load_splits(

@@ -132,7 +132,7 @@ def answer_accuracy(
                 continue
             pixels = [f["pixel_values"] for f in fetched if f is not None and f["pixel_values"] is not None]
             input_ids = torch.tensor([it["ids"] for it in chunk], device=device)
-            pixel_values = torch.stack(pixels).to(device) if pixels else None
+            pixel_values = torch.cat(pixels).to(device) if pixels else None  # each sample's (k, 3, S, S), in order
             outs = generate(model, input_ids, pixel_values, encoder.stop_ids, max_new_tokens)
             for it, out in zip(chunk, outs):
                 it["answer"] = tokenizer.decode(out, skip_special_tokens=True)

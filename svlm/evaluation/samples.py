@@ -102,8 +102,8 @@ class _Prompt:
     question: str
     prompt: list[int]  # ids up to the first answer
     reference: list[int]  # ids of the first answer, without the end-of-turn token
-    image: Image.Image | None
-    pixels: torch.Tensor | None
+    image: Image.Image | None  # the first of its images, drawn in the grid
+    pixels: torch.Tensor | None  # (k, 3, S, S): all of them
 
 
 def _first_question(ds, index: int, encoder: ChatEncoder, processor: ImageProcessor) -> _Prompt | None:
@@ -111,15 +111,15 @@ def _first_question(ds, index: int, encoder: ChatEncoder, processor: ImageProces
     None when its record or image cannot be read (the data loader reports those)."""
     try:
         ex = ds.example(index)
-        image = open_image(ex.image, ex.where) if ex.image is not None else None
+        images = [open_image(im, ex.where) for im in ex.images]
     except DataError:
         return None
     start = next(i for i, lab in enumerate(ex.labels) if lab != IGNORE)  # first answer token
     end = ex.labels.index(encoder.end_id, start) if encoder.end_id in ex.labels[start:] else len(ex.labels)
     prompt = ex.input_ids[:start]
     text = ex.question
-    pixels = processor(image) if image is not None else None
-    display = ImageProcessor.to_rgb(image) if image is not None else None
+    pixels = torch.stack([processor(im) for im in images]) if images else None
+    display = ImageProcessor.to_rgb(images[0]) if images else None
     return _Prompt(text, prompt, ex.labels[start:end], display, pixels)
 
 
@@ -137,16 +137,16 @@ def answer_samples(
     prompts = [p for p in (_first_question(ds, i, encoder, processor) for i in indices) if p is not None]
     device = next(model.parameters()).device
     answers: dict[int, list[int]] = {}
-    # Prompts of the same length (and all with or all without a picture) form a batch: no padding.
-    groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
+    # Prompts of the same length (and with as many pictures) form a batch: no padding.
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for k, p in enumerate(prompts):
-        groups[(len(p.prompt), p.pixels is not None)].append(k)
+        groups[(len(p.prompt), 0 if p.pixels is None else len(p.pixels))].append(k)
     was_training = model.training
     with torch.random.fork_rng(devices=[]):
         for members in groups.values():
             input_ids = torch.tensor([prompts[k].prompt for k in members], device=device)
             has_pixels = prompts[members[0]].pixels is not None
-            pixels = torch.stack([prompts[k].pixels for k in members]).to(device) if has_pixels else None
+            pixels = torch.cat([prompts[k].pixels for k in members]).to(device) if has_pixels else None
             budget = max(len(prompts[k].reference) for k in members) + MARGIN_TOKENS
             with autocast():
                 outs = generate(model, input_ids, pixels, encoder.stop_ids, budget)

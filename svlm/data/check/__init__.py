@@ -40,21 +40,21 @@ def histogram(lengths: list[int], bins: int = 8, width: int = 40) -> list[str]:
     ]
 
 
-def check_file(path: Path, images: Path, encoder: ChatEncoder, max_len: int) -> dict:
+def check_file(path: Path, images: Path, encoder: ChatEncoder, max_len: int, max_images: int = 8) -> dict:
     bad = BadSamples()
     try:
-        ds = ChatDataset([path], images, encoder, processor=None, max_len=max_len, on_error="skip", bad=bad)
+        ds = ChatDataset([path], images, encoder, None, max_len, "skip", bad, max_images)
         examples, truncated = ds.examples, ds.truncated
     except ValueError:  # no usable sample at all: the reasons are in `bad`
         examples, truncated = [], []
     unreadable = 0
     for ex in examples:  # every image, fully decoded
-        if ex.image is not None:
-            try:
-                open_image(ex.image, ex.where)
-            except DataError as e:
-                bad.add(e)
-                unreadable += 1
+        try:
+            for image in ex.images:
+                open_image(image, ex.where)
+        except DataError as e:
+            bad.add(e)
+            unreadable += 1
     lengths = [len(ex.input_ids) for ex in examples]
     supervised = sum(sum(lab != IGNORE for lab in ex.labels) for ex in examples)
     return {
@@ -68,6 +68,7 @@ def check_file(path: Path, images: Path, encoder: ChatEncoder, max_len: int) -> 
         "tokens": {"min": min(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths)} if lengths else {},
         "supervised_share": supervised / max(1, sum(lengths)),
         "histogram": histogram(lengths) if lengths else [],
+        "images_per_sample": dict(sorted(Counter(len(ex.images) for ex in examples).items())),
     }
 
 
@@ -99,7 +100,7 @@ def check(cfg: TrainConfig) -> dict:
             if not path.is_file():
                 raise ConfigError(f"data: {path} does not exist")
             if str(path) not in {r["file"] for r in reports}:
-                reports.append(check_file(path, images, encoder, max_len))
+                reports.append(check_file(path, images, encoder, max_len, cfg.data.max_images))
     return {"data": cfg.data.name, "root": str(root), "max_len": max_len,
             "image_tokens": encoder.num_image_tokens, "files": reports}  # fmt: skip
 
@@ -120,5 +121,8 @@ def print_report(report: dict) -> None:
             print(f"  tokens a sample: min {t['min']}, mean {t['mean']:.1f}, max {t['max']}; "
                   f"supervised share {r['supervised_share']:.1%}")  # fmt: skip
             print("\n".join(r["histogram"]))
+        if r["images_per_sample"]:
+            counts = ", ".join(f"{n}: {k}" for n, k in r["images_per_sample"].items())
+            print(f"  samples by number of images: {counts}")
     total_bad = sum(r["bad"] for r in report["files"])
     print(f"\n{'OK: no bad samples' if not total_bad else f'{total_bad} bad sample(s)'}")
