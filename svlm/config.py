@@ -289,6 +289,7 @@ class EvalConfig:
 class InferConfig:
     ckpt: str | None = None
     image: str | None = None
+    images: list[str] = field(default_factory=list)  # several: the k-th fills the prompt's k-th <image>
     prompt: str = "What is in this picture?"
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0: greedy
@@ -301,6 +302,8 @@ class InferConfig:
     def __post_init__(self) -> None:
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.image is not None and self.images:
+            raise ConfigError("image= and images= both set: give one image, or all of them in images=[a.jpg,b.jpg]")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:

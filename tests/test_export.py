@@ -134,6 +134,31 @@ def test_logits_match(exported, shapes_root):
         assert _rel_diff(ours, theirs) < 1e-5
 
 
+def test_a_two_image_question_matches(exported, shapes_root):
+    """Two images in one question: the processor puts each where its part is, and the logits equal ours."""
+    model, tokenizer, out = exported
+    processor = AutoProcessor.from_pretrained(out)
+    pictures = [_image(shapes_root, 0), _image(shapes_root, 1)]
+    ids = ChatEncoder(tokenizer, model.num_image_tokens, "inline").prompt(f"<image> or <image>: {QUESTION}")
+    parts = [
+        {"type": "image"},
+        {"type": "text", "text": " or "},
+        {"type": "image"},
+        {"type": "text", "text": f": {QUESTION}"},
+    ]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": parts}], add_generation_prompt=True, tokenize=False
+    )
+    inputs = processor(images=pictures, text=text, return_tensors="pt")
+    pixels = torch.stack([ImageProcessor(model.cfg.vision)(im) for im in pictures])  # (2, 3, S, S)
+    placed = ChatEncoder(tokenizer, model.num_image_tokens).prompt(f"<image> or <image>: {QUESTION}")
+    assert inputs["input_ids"][0].tolist() == placed  # images first, as the model was trained; parts joined
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]), pixels).logits
+        theirs = _load(out)(input_ids=torch.tensor([ids]), pixel_values=pixels).logits
+    assert _rel_diff(ours, theirs) < 1e-5
+
+
 def _greedy_both(model, tokenizer, out, image, n=12):
     """Greedy answers of ours (svlm.inference.generation) and of transformers' generate."""
     llava = _load(out)

@@ -181,6 +181,22 @@ def test_chat_completion(client, server):
     assert r.usage.completion_tokens <= 8
 
 
+def test_two_images_in_one_question(client, server):
+    """Each image_url part takes its own image's visual tokens: the answer is ours for those two pictures."""
+    from svlm.inference.generation import generate
+
+    engine = server[1]
+    red, blue = png(colour="red"), png(colour="blue")
+    parts = [{"type": "image_url", "image_url": {"url": data_url(red)}}, {"type": "text", "text": "or"},
+             {"type": "image_url", "image_url": {"url": data_url(blue)}}, {"type": "text", "text": "Which is red?"}]  # fmt: skip
+    r = client.chat.completions.create(model="svlm", messages=[{"role": "user", "content": parts}], max_tokens=6)
+    ids = engine.encoder.prompt("<image>\nor\n<image>\nWhich is red?")
+    assert r.usage.prompt_tokens == len(ids) and ids.count(engine.encoder.image_id) == 2 * engine.model.num_image_tokens
+    pixels = torch.stack([engine.processor(Image.open(io.BytesIO(b)).convert("RGB")) for b in (red, blue)])
+    (want,) = generate(engine.model, torch.tensor([ids]), pixels, engine.encoder.stop_ids, 6)
+    assert r.choices[0].message.content == engine.tokenizer.decode(want, skip_special_tokens=True)
+
+
 def test_stream_matches_non_stream(client, server):
     messages = [image_message(data_url(png(colour="blue")))]
     whole = client.chat.completions.create(model="svlm", messages=messages, max_tokens=12)

@@ -73,3 +73,58 @@ def test_image_k_fills_the_kth_tag(make_train_cfg, tokenizer):
     first = int(slots[0])
     torch.testing.assert_close(a[:first], b[:first])  # before the first swapped slot: the same
     assert (a[first:] - b[first:]).abs().amax(-1).min() > 0  # from it on: every position changes
+
+
+def test_infer_asks_about_several_images(make_train_cfg, tokenizer, pictures, tmp_path, cache_dir):
+    from conftest import compose, path_overrides
+
+    from svlm.config import ConfigError, load_infer_config
+    from svlm.inference.ask import ask
+    from svlm.model_folder import save_model
+    from svlm.training.prepare import build_model
+
+    folder = save_model(tmp_path / "model", build_model(make_train_cfg(), tokenizer), tokenizer, {"finished": True})
+    where = [f"ckpt={folder}", "max_new_tokens=3", "hardware=cpu", *path_overrides(tmp_path / "asked", cache_dir)]
+    two = f"images=[{pictures / '0.png'},{pictures / '1.png'}]"
+    answer = ask(load_infer_config(compose("infer", [*where, two, "prompt=Which is red?"])))
+    saved = json.loads((tmp_path / "asked" / "run" / "answer.json").read_text())
+    assert saved["answer"] == answer and saved["images"] == [str(pictures / "0.png"), str(pictures / "1.png")]
+    with pytest.raises(FileNotFoundError, match=r"images\[1\]=.*nowhere.png.*no such file"):
+        ask(load_infer_config(compose("infer", [*where, f"images=[{pictures / '0.png'},{pictures / 'nowhere.png'}]"])))
+    with pytest.raises(ConfigError, match="prompt has 3 <image> tag"):
+        ask(load_infer_config(compose("infer", [*where, two, "prompt='<image> <image> <image>'"])))
+    with pytest.raises(ConfigError, match="image= and images= both set"):
+        load_infer_config(compose("infer", [*where, two, f"image={pictures / '0.png'}"]))
+
+
+def test_both_stages_train_and_score_on_two_image_records(make_train_cfg, shapes_root, tmp_path, cache_dir):
+    """Records pairing two pictures of the shapes data: stage=llava (the encoder frozen, so
+    each image's features come from the feature cache) trains, and eval.py scores it."""
+    from conftest import compose, path_overrides
+
+    from svlm.config import load_eval_config
+    from svlm.evaluation.evaluate import evaluate
+    from svlm.model_folder import load_model
+    from svlm.training.loop import train
+
+    for task in ("pretrain", "sft"):
+        for split in ("train", "val"):
+            rows = [json.loads(line) for line in (shapes_root / f"{task}_{split}.jsonl").read_text().splitlines()]
+            paired = []
+            for a, b in zip(rows, rows[1:] + rows[:1]):
+                first, *rest = a["conversations"]
+                text = first["content"].replace("<image>", "").strip()
+                question = {**first, "content": f"<image>\n<image>\nThe first: {text}"}
+                paired.append(json.dumps({"image": [a["image"], b["image"]], "conversations": [question, *rest]}))
+            (tmp_path / f"{task}_{split}.jsonl").write_text("\n".join(paired) + "\n")
+    data = ["data.kind=files", f"data.root={tmp_path}", f"data.image_dir={shapes_root / 'images'}",
+            "data.test_file=sft_val.jsonl", "data.on_error=raise"]  # fmt: skip
+    cfg = make_train_cfg(*data, stage="llava", steps=2, run_dir=tmp_path / "run")
+    stage1, stage2 = train(cfg)
+    model, _, _ = load_model(stage2)
+    bad = json.loads((tmp_path / "run" / "stage2" / "bad_samples.json").read_text())
+    assert bad["total"] == 0
+    where = path_overrides(tmp_path / "scored", cache_dir)
+    scores = evaluate(load_eval_config(compose("eval", [f"ckpt={stage2}", *where, "max_test=4", "max_new_tokens=4",
+                                                        "hardware=cpu"])))  # fmt: skip
+    assert 0.0 <= scores["accuracy"] <= 1.0 and scores["val_loss"] > 0

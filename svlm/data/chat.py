@@ -213,9 +213,14 @@ class ChatEncoder:
             labels += piece if supervised else [IGNORE] * len(piece)
         return ids, labels
 
-    def prompt(self, question: str, history: list[tuple[str, str]] | None = None, image: bool = True) -> list[int]:
-        """Ids of a generation prompt: history, then the user's question."""
-        if image and IMAGE_TOKEN not in question and not any(IMAGE_TOKEN in c for _, c in history or []):
-            question = f"{IMAGE_TOKEN}\n{question}"
+    def prompt(
+        self, question: str, history: list[tuple[str, str]] | None = None, image: bool | int = True
+    ) -> list[int]:
+        """Ids of a generation prompt: history, then the user's question. `image`:
+        how many images come with it (True: one), tagged before the question
+        when neither it nor the history has tags."""
+        n = int(image)
+        if n and IMAGE_TOKEN not in question and not any(IMAGE_TOKEN in c for _, c in history or []):
+            question = "\n".join([IMAGE_TOKEN] * n + [question])
         ids, _ = self.encode([*(history or []), ("user", question)], add_generation_prompt=True)
         return ids

@@ -4,6 +4,7 @@ per language and per question type (when the test records say them)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -54,9 +55,7 @@ def validate(model: VLM, loader, autocast, max_batches: int | None = None) -> di
     model.eval()
     device = next(model.parameters()).device
     loss_sum, tokens, correct, exact, samples = 0.0, 0, 0, 0, 0
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
+    for batch in itertools.islice(loader, max_batches):  # not one batch more: its images may not be cached
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with autocast():
             out = model(batch["input_ids"], batch["pixel_values"], batch["labels"],
@@ -192,7 +191,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     # whole training file, as the original's `validate` did.
     val_file = split_file(data_cfg, root, "val", cfg.task)
     if val_file is not None:
-        val_ds = ChatDataset([val_file], images, encoder, processor, max_len, data_cfg.on_error, bad)
+        val_ds = ChatDataset(
+            [val_file], images, encoder, processor, max_len, data_cfg.on_error, bad, data_cfg.max_images
+        )
     else:
         train_ds, val_ds = load_splits(data_cfg, root, cfg.task, encoder, processor, max_len, bad, meta.get("seed", 0))
         val_ds = val_ds or train_ds
@@ -203,7 +204,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     # Answer accuracy: the test file when there is one, else the validation samples.
     test_file = split_file(data_cfg, root, "test", cfg.task)
     scored = (
-        ChatDataset([test_file], images, encoder, processor, max_len, data_cfg.on_error, bad) if test_file else val_ds
+        ChatDataset([test_file], images, encoder, processor, max_len, data_cfg.on_error, bad, data_cfg.max_images)
+        if test_file
+        else val_ds
     )
     with autocast_for(cfg.hardware, device):
         acc, predictions = answer_accuracy(

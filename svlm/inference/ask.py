@@ -1,4 +1,4 @@
-"""Asking a model about a picture, streaming the answer."""
+"""Asking a model about a picture (or several), streaming the answer."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from svlm.config import InferConfig
 from svlm.data.chat import ChatEncoder
 from svlm.data.images import open_image
+from svlm.errors import ConfigError
 from svlm.hardware import autocast_for, pick_device
 from svlm.inference.generation import TextStreamer, generate
 from svlm.model_folder import load_model, resolve_model
@@ -22,13 +23,21 @@ def ask(cfg: InferConfig) -> str:
     device = pick_device(cfg.hardware)
     model, tokenizer, _ = load_model(folder, device)
     encoder = ChatEncoder.for_model(tokenizer, model)
+    files = cfg.images or ([cfg.image] if cfg.image is not None else [])
     pixel_values = None
-    if cfg.image is not None:
-        if not Path(cfg.image).is_file():
-            raise FileNotFoundError(f"image={cfg.image!r}: no such file")
-        image = open_image(cfg.image, where=f"image={cfg.image}")
-        pixel_values = ImageProcessor(model.cfg.vision)(image).unsqueeze(0).to(device)
-    input_ids = torch.tensor([encoder.prompt(cfg.prompt, image=cfg.image is not None)], device=device)
+    keys = [f"images[{k}]" for k in range(len(cfg.images))] if cfg.images else ["image"]
+    for key, file in zip(keys, files):
+        if not Path(file).is_file():
+            raise FileNotFoundError(f"{key}={file!r}: no such file")
+    if files:
+        process = ImageProcessor(model.cfg.vision)
+        pictures = [process(open_image(file, where=f"image={file}")) for file in files]
+        pixel_values = torch.stack(pictures).to(device)  # (k, 3, S, S)
+    prompt = encoder.prompt(cfg.prompt, image=len(files))
+    tags = prompt.count(encoder.image_id) // model.num_image_tokens
+    if tags != len(files):
+        raise ConfigError(f"prompt has {tags} <image> tag(s) for {len(files)} image(s): each tag takes one image")
+    input_ids = torch.tensor([prompt], device=device)
     streamer = TextStreamer(tokenizer, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     with autocast_for(cfg.hardware, device):
@@ -50,7 +59,7 @@ def ask(cfg: InferConfig) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "answer.json").write_text(
         json.dumps(
-            {"model": str(folder), "image": cfg.image, "prompt": cfg.prompt, "answer": answer},
+            {"model": str(folder), "image": cfg.image, "images": cfg.images, "prompt": cfg.prompt, "answer": answer},
             ensure_ascii=False,
             indent=2,
         )
