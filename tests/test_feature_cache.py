@@ -157,9 +157,9 @@ def test_data_sets_yield_cached_features(tmp_path, shapes_root, tokenizer, visio
         view, _ = attach(ds, vision, processor, tmp_path / "features", log=lambda m: None)
         assert len(view) == len(ds.image_files()) == 16
         items = [ds[i] for i in range(4)]
-        assert all(it["pixel_values"] is None and it["vision_features"].shape == (16, 32) for it in items)
+        assert all(it["pixel_values"] is None and it["vision_features"].shape == (1, 16, 32) for it in items)
         with torch.no_grad():
-            expected = vision(torch.stack([it["pixel_values"] for it in plain]))
+            expected = vision(torch.cat([it["pixel_values"] for it in plain]))
         batch = Collator(encoder.pad_id)(items)
         assert batch["pixel_values"].shape[0] == 0
         torch.testing.assert_close(batch["vision_features"].float(), expected, atol=2e-3, rtol=1e-3)

@@ -40,7 +40,7 @@ def batch_of(lengths: list[tuple[int, int]], seed: int = 1) -> dict:
     for prompt, answer in lengths:
         ids = [IMAGE_ID] * 4 + torch.randint(10, VOCAB, (prompt + answer,), generator=g).tolist()
         labels = [-100] * (4 + prompt) + ids[4 + prompt :]
-        items.append({"input_ids": ids, "labels": labels, "pixel_values": torch.randn(3, 32, 32, generator=g)})
+        items.append({"input_ids": ids, "labels": labels, "pixel_values": torch.randn(1, 3, 32, 32, generator=g)})
     return Collator(PAD)(items)
 
 

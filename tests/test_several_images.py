@@ -34,11 +34,13 @@ def test_each_image_of_a_record_comes_in_order(pictures, tokenizer):
         record("Nine?", ["0.png"] * 9),  # 4: more than data.max_images
         record("Odd", ["0.png", 3]),  # 5: not a file name
         record("One <image>", "0.png"),  # 6: a single name, as before
+        record("No picture here", None),  # 7: text only
     ]) + "\n")  # fmt: skip
     processor, bad = ImageProcessor(VisionConfig(image_size=32, patch_size=8)), BadSamples()
     encoder = ChatEncoder(tokenizer, num_image_tokens=4, image_placement="inline")
     ds = ChatDataset([data], pictures, encoder, processor, 512, "skip", bad, max_images=8)
-    assert [ex.where.rsplit(":", 1)[1] for ex in ds.examples] == ["1", "2", "6"]
+    assert [ex.where.rsplit(":", 1)[1] for ex in ds.examples] == ["1", "2", "6", "7"]
+    assert ds.examples[3].images == [] and ds[3]["pixel_values"] is None
     assert dict(bad.counts) == {"image count": 1, "too many images": 1, "bad image": 1}
     assert any(":3: image count: 3 <image> tag(s) in the text for 2 images" in e for e in bad.examples["image count"])
     assert any(

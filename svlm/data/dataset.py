@@ -44,7 +44,7 @@ def encode_record(
         first = next(i for i, (r, _) in enumerate(turns) if r == "user")
         tags = "\n".join([IMAGE_TOKEN] * len(rec.images))
         turns = [*turns[:first], ("user", f"{tags}\n{turns[first][1]}"), *turns[first + 1 :]]
-    elif not rec.images:
+    elif n_tags and not rec.images:
         raise DataError(rec.where, "missing image", "<image> in the text but no 'image' key")
     elif n_tags != len(rec.images):
         raise DataError(rec.where, "image count", f"{n_tags} <image> tag(s) in the text for {len(rec.images)} images")
