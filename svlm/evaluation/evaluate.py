@@ -226,6 +226,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         results["accuracy_by"] = acc
     if bad.total:
         results["bad_samples"] = dict(bad.counts)
+    if world > 1:  # every process leaves the group together: none exits while another still uses it
+        state.wait_for_everyone()
+        dist.destroy_process_group()
     if not main:
         return results
     if bad.total:
