@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from svlm.models.lora import has_lora
 from svlm.models.vlm import VLM
 
 
@@ -127,7 +128,7 @@ def step_flops(model: VLM, batch: int, tokens: int, head_tokens: int | None = No
         total += tokens * f["reducer"] * (1 + _trains(lm.reducer) + below)
         below = below or _trains(lm.reducer)
     for layer in lm.layers:
-        if any(hasattr(m, "lora_A") for m in layer.modules()):
+        if has_lora(layer):
             flops, below = _adapted_block(layer, f, below)
             total += tokens * flops
             continue

@@ -189,11 +189,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     # Loss and perplexity: the validation split (a file, or the held-out
     # fraction of the training file with the training seed); without one, the
     # whole training file, as the original's `validate` did.
+    def read(file: Path) -> ChatDataset:
+        return ChatDataset([file], images, encoder, processor, max_len, data_cfg.on_error, bad, data_cfg.max_images)
+
     val_file = split_file(data_cfg, root, "val", cfg.task)
     if val_file is not None:
-        val_ds = ChatDataset(
-            [val_file], images, encoder, processor, max_len, data_cfg.on_error, bad, data_cfg.max_images
-        )
+        val_ds = read(val_file)
     else:
         train_ds, val_ds = load_splits(data_cfg, root, cfg.task, encoder, processor, max_len, bad, meta.get("seed", 0))
         val_ds = val_ds or train_ds
@@ -203,11 +204,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     # Answer accuracy: the test file when there is one, else the validation samples.
     test_file = split_file(data_cfg, root, "test", cfg.task)
-    scored = (
-        ChatDataset([test_file], images, encoder, processor, max_len, data_cfg.on_error, bad, data_cfg.max_images)
-        if test_file
-        else val_ds
-    )
+    scored = read(test_file) if test_file else val_ds
     with autocast_for(cfg.hardware, device):
         acc, predictions = answer_accuracy(
             model,

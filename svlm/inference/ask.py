@@ -19,16 +19,16 @@ from svlm.models.vision import ImageProcessor
 
 
 def ask(cfg: InferConfig) -> str:
+    named = [(f"images[{k}]", f) for k, f in enumerate(cfg.images)] or [("image", cfg.image)] * (cfg.image is not None)
+    for key, file in named:  # before the model loads: a wrong path costs nothing
+        if not Path(file).is_file():
+            raise FileNotFoundError(f"{key}={file!r}: no such file")
+    files = [file for _, file in named]
     folder = resolve_model(cfg.ckpt, cfg.paths.outputs)
     device = pick_device(cfg.hardware)
     model, tokenizer, _ = load_model(folder, device)
     encoder = ChatEncoder.for_model(tokenizer, model)
-    files = cfg.images or ([cfg.image] if cfg.image is not None else [])
     pixel_values = None
-    keys = [f"images[{k}]" for k in range(len(cfg.images))] if cfg.images else ["image"]
-    for key, file in zip(keys, files):
-        if not Path(file).is_file():
-            raise FileNotFoundError(f"{key}={file!r}: no such file")
     if files:
         process = ImageProcessor(model.cfg.vision)
         pictures = [process(open_image(file, where=f"image={file}")) for file in files]

@@ -49,6 +49,7 @@ from transformers import Dinov2Config
 from svlm.config import StageConfig, TrainConfig
 from svlm.hardware import planned_device, resolve_precision
 from svlm.models.language_model import LMConfig
+from svlm.models.lora import is_adapter
 from svlm.models.pretrained import sync_with_checkpoint
 from svlm.models.vision import dinov2_config_of
 from svlm.models.vlm import IGNORE_INDEX, VLM, VLMConfig
@@ -244,7 +245,7 @@ def estimate_memory(
     # checkpointing only the layer being recomputed holds them.
     lm_copies = max(0.0, (measured[2, 1][0] - measured[1, 1][0]) - lm_layer)
     vis_copies = max(0.0, (measured[1, 2][0] - measured[1, 1][0]) - vis_layer)
-    lm_trained = any(p.requires_grad for n, p in full.lm.layers.named_parameters() if ".lora_" not in n)
+    lm_trained = any(p.requires_grad for n, p in full.lm.layers.named_parameters() if not is_adapter(n))
     lm_kept = n_lm - 1 if lm_trained or not checkpointing else 0
     vis_kept = n_vis - 1 if stage.train_vision or not checkpointing else 0
     fixed_total = fixed + lm_kept * lm_copies + vis_kept * vis_copies

@@ -66,8 +66,13 @@ def add_lora(lm: nn.Module, cfg: LoraConfig, layers: list[int]) -> None:
     peft.inject_adapter_in_model(settings, lm)
 
 
+def is_adapter(name: str) -> bool:
+    """Whether a parameter or state-dict name is an adapter's (lora_A / lora_B)."""
+    return ".lora_" in name
+
+
 def has_lora(model: nn.Module) -> bool:
-    return any(".lora_A." in name for name, _ in model.named_parameters())
+    return any(is_adapter(name) for name, _ in model.named_parameters())
 
 
 def scale_of(model: nn.Module) -> float:
@@ -80,7 +85,7 @@ def split(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict
     name, and the adapters' own)."""
     plain, adapters = {}, {}
     for name, t in state.items():
-        if ".lora_" in name:
+        if is_adapter(name):
             adapters[name] = t
         else:
             plain[name.replace(".base_layer.", ".")] = t

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from svlm.config import StageConfig
-from svlm.models.lora import add_lora, has_lora
+from svlm.models.lora import add_lora, has_lora, is_adapter
 from svlm.models.vlm import VLM
 
 
@@ -37,7 +37,7 @@ def set_trainable(model: VLM, stage: StageConfig, fresh: bool = False) -> list[s
         add_lora(lm, stage.lora, list(range(n_layers - top, n_layers)))
     for block in lm.layers[n_layers - top :]:
         for name, p in block.named_parameters():
-            p.requires_grad_(not lora or ".lora_" in name)
+            p.requires_grad_(not lora or is_adapter(name))
     if top and not lora:
         lm.norm.requires_grad_(True)
         lm.lm_head.requires_grad_(True)

@@ -34,7 +34,7 @@ from svlm.data.source import load_splits, train_files
 from svlm.evaluation.evaluate import shard
 from svlm.memory import CONTEXT_GIB, choose_optimizer
 from svlm.model_folder import load_model, model_key
-from svlm.models.lora import ADAPTERS, load_adapters
+from svlm.models.lora import ADAPTERS, is_adapter, load_adapters
 from svlm.models.pretrained import eos_ids, pretrained_lm
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint
 from svlm.models.vlm import VLM, VLMConfig
@@ -197,7 +197,7 @@ def restore_adapters(model: VLM, checkpoint: Path) -> None:
     if found is None:
         raise ConfigError(f"resume={checkpoint}: no LoRA adapters there ({ADAPTERS}), but the stage trains with them")
     missing, unexpected = model.load_state_dict(found[0], strict=False)
-    missing = [k for k in missing if ".lora_" in k]
+    missing = [k for k in missing if is_adapter(k)]
     if missing or unexpected:
         raise ConfigError(f"{checkpoint / ADAPTERS}: adapters that do not fit: missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]}")  # fmt: skip
