@@ -46,13 +46,20 @@ class ModelConfig:
             )
 
 
+# Record layouts (svlm/data/formats.py); auto: detected per file from its keys or columns.
+DataFormat = Literal["auto", "svlm", "llava", "cauldron", "llava_onevision", "messages"]
+
+
 @dataclass
 class SourceConfig:
     """One file of a mixture (data.sources): drawn in proportion to its weight."""
 
-    file: str  # under data.root; "{task}" becomes the stage's task
+    file: str  # under data.root ("{task}" becomes the stage's task): jsonl/json, parquet/arrow (glob), or a folder
     weight: float = 1.0
     image_dir: str | None = None  # None: data.image_dir
+    format: DataFormat | None = None  # None: data.format
+    subset: str | None = None  # a hub repository's configuration (the_cauldron's "ai2d"); None: data.subset
+    split: str = "train"  # the split of a save_to_disk or hub repository folder
 
     def __post_init__(self) -> None:
         if self.weight <= 0:
@@ -71,6 +78,11 @@ class DataConfig:
     val_file: str | None = "{task}_val.jsonl"  # None: hold out val_fraction of the training file
     test_file: str | None = "sft_test.jsonl"  # questions scored by exact match in eval.py
     val_fraction: float = 0.0  # used when val_file is None
+    # Any of these files may also be a table (svlm/data/hub.py): parquet/arrow files or a glob of
+    # them, a save_to_disk folder, or a local copy of a hub data set repository ("." for data.root itself).
+    format: DataFormat = "auto"
+    subset: str | None = None  # the configuration of a hub repository folder (the_cauldron's "ai2d")
+    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "val": "validation", "test": "test"})
     # Several training files mixed by weight instead of train_file, e.g.
     # [{file: a.jsonl, weight: 3}, {file: b.json, weight: 1, image_dir: b_images}]
     sources: list[SourceConfig] = field(default_factory=list)
@@ -103,6 +115,8 @@ class DataConfig:
             raise ConfigError("data.val_file and data.val_fraction both set: use one (set data.val_file=null)")
         if self.max_images < 1:
             raise ConfigError(f"data.max_images must be at least 1, got {self.max_images}")
+        if set(self.splits) != {"train", "val", "test"}:
+            raise ConfigError(f"data.splits names the split of train, val and test; got the keys {sorted(self.splits)}")
         if self.max_len < 8:
             raise ConfigError(f"data.max_len must be at least 8, got {self.max_len}")
         if self.group_window < 1:

@@ -61,7 +61,7 @@ def cached(cache: FeatureCache, files) -> torch.Tensor:
 def test_cached_features_equal_the_encoder_output(tmp_path, vision, processor, images):
     cache = FeatureCache(tmp_path / "features", vision, processor)
     keys = cache.image_keys(images)
-    assert keys[str(images[0])] == keys[str(images[-1])]  # the same bytes: one image key, one row
+    assert keys[images[0]] == keys[images[-1]]  # the same bytes: one image key, one row
     assert cache.fill(keys, vision, show_progress=False) == 6
     got = cached(cache, images)
     assert got.dtype == torch.float16 and got.shape == (7, 16, 32)
@@ -90,10 +90,10 @@ def test_keys_change_with_weights_settings_and_pixels(tmp_path, vision, processo
     # An image edited in place gets a new key: its features are computed again, never served stale.
     cache = FeatureCache(tmp_path / "features", vision, processor)
     cache.fill(cache.image_keys(images), vision, show_progress=False)
-    before = cache.image_keys(images)[str(images[1])]
+    before = cache.image_keys(images)[images[1]]
     Image.open(images[2]).save(images[1])  # same name, other picture
     keys = cache.image_keys(images)
-    assert keys[str(images[1])] != before
+    assert keys[images[1]] != before
     assert cache.fill(keys, vision, show_progress=False) == 0  # that content (images[2]) is cached already
     Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (1, 2, 3)).save(images[1])
     assert cache.fill(cache.image_keys(images), vision, show_progress=False) == 1
@@ -112,7 +112,7 @@ def test_damaged_cache_is_found_and_rebuilt(tmp_path, vision, processor, images,
         features.write_bytes(data[: len(data) // 2])
         expected = 6
     elif damage == "flipped":  # a damaged block in one row
-        row = json.loads(index.read_text())["entries"][cache.image_keys(images[3:4])[str(images[3])]][0]
+        row = json.loads(index.read_text())["entries"][cache.image_keys(images[3:4])[images[3]]][0]
         data[row * cache.row_bytes + 10] ^= 0xFF
         features.write_bytes(bytes(data))
         expected = 1

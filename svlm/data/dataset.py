@@ -15,6 +15,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from svlm.data.chat import IGNORE, IMAGE_TOKEN, ChatEncoder
 from svlm.data.formats import BadSamples, DataError, Record, RecordReader, line_index, read_records
+from svlm.data.hub import Table
 from svlm.data.images import open_image
 from svlm.models.vision import ImageProcessor
 from svlm.models.vlm import target_positions
@@ -24,7 +25,7 @@ from svlm.models.vlm import target_positions
 class Example:
     input_ids: list[int]
     labels: list[int]
-    images: list[Path]  # in the order of their placeholder slots
+    images: list  # Path or EmbeddedImage, in the order of their placeholder slots
     where: str
     meta: dict
     question: str = ""  # the first user turn's text, without image tags (what the sample grid shows)
@@ -48,9 +49,9 @@ def encode_record(
         raise DataError(rec.where, "missing image", "<image> in the text but no 'image' key")
     elif n_tags != len(rec.images):
         raise DataError(rec.where, "image count", f"{n_tags} <image> tag(s) in the text for {len(rec.images)} images")
-    images = [image_dir / name for name in rec.images]
+    images = [image_dir / im if isinstance(im, str) else im for im in rec.images]  # files, or EmbeddedImage
     for image in images:
-        if not image.is_file():
+        if isinstance(image, Path) and not image.is_file():
             raise DataError(rec.where, "missing image", str(image))
     try:
         ids, labels = encoder.encode(turns)
@@ -85,9 +86,12 @@ class _Conversations(Dataset):
         on_error: str = "skip",
         bad: BadSamples | None = None,
         max_images: int = 8,
+        fmt: str = "auto",
     ) -> None:
-        """`source`: what the data set reads (see `load`); images are found under
-        `image_dir`; bad records are skipped and counted in `bad`, or raised."""
+        """`source`: what the data set reads (see `load`), records of format `fmt`
+        (svlm/data/formats.py); image file names resolve under `image_dir`; bad
+        records are skipped and counted in `bad`, or raised."""
+        self.fmt = fmt
         self.encoder, self.processor, self.max_len, self.max_images = encoder, processor, max_len, max_images
         self.image_dir = Path(image_dir)
         self.on_error = on_error
@@ -139,7 +143,7 @@ class ChatDataset(_Conversations):
     def load(self, files: list[str | os.PathLike]) -> None:
         self.examples: list[Example] = []
         for f in files:
-            for rec in read_records(f, on_error=self.on_error, bad=self.bad):
+            for rec in read_records(f, on_error=self.on_error, bad=self.bad, fmt=self.fmt):
                 try:
                     example, cut = encode_record(rec, self.encoder, self.image_dir, self.max_len, self.max_images)
                 except DataError as e:
@@ -182,7 +186,7 @@ class LazyChatDataset(_Conversations):
     it. Bad records are found then: reported, counted, and skipped (None) or raised."""
 
     def load(self, file: str | os.PathLike) -> None:
-        self.reader = RecordReader(file)
+        self.reader = RecordReader(file, self.fmt)
         self.index = line_index(file)  # (N, 2): byte offset, line number
         self.rows = np.arange(len(self.index))  # which lines this data set holds (a subset after split)
         if not len(self.rows):
@@ -218,6 +222,35 @@ class LazyChatDataset(_Conversations):
         rest, out = copy.copy(self), copy.copy(self)
         rest.rows, out.rows = self.rows[~held], self.rows[held]
         return rest, out
+
+
+class TableChatDataset(LazyChatDataset):
+    """A parquet/Arrow source (svlm/data/hub.py): memory-mapped rows, each read,
+    parsed and encoded when a batch needs it, its images decoded from their bytes then."""
+
+    def load(self, table: Table) -> None:
+        self.table = table
+        self.rows = np.arange(len(table))
+        if not len(self.rows):
+            raise ValueError(f"no sample in {table.path}")
+
+    def example(self, i: int) -> Example:
+        example, cut = encode_record(
+            self.table.record(int(self.rows[i])), self.encoder, self.image_dir, self.max_len, self.max_images
+        )
+        if cut and len(self.truncated) < 1000:
+            self.truncated.append(example.where)
+        return example
+
+    def image_files(self, indices: Iterable[int] | None = None) -> set:
+        rows = self.rows if indices is None else self.rows[np.asarray(sorted(indices), dtype=np.int64)]
+        found = set()
+        for row in rows:
+            try:
+                found.update(self.table.record(int(row)).images)
+            except DataError:
+                continue
+        return found
 
 
 class MixedDataset(ConcatDataset):

@@ -43,6 +43,7 @@ nothing (new files: a run still reading the old ones keeps its own copy).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -58,7 +59,7 @@ from tqdm.auto import tqdm
 from svlm.atomic import write_text
 from svlm.data.feature_keys import DTYPE, FORMAT_VERSION, FileHashes, encoder_key
 from svlm.data.formats import DataError
-from svlm.data.images import open_image
+from svlm.data.images import EmbeddedImage, open_image
 from svlm.errors import ConfigError
 
 try:
@@ -120,15 +121,22 @@ class FeatureCache:
             "processor": {"size": processor.size},
         }
 
-    def image_keys(self, files: Iterable[Path]) -> dict[str, str]:
-        """str(file) -> image key (content hash); files that cannot be read are left out."""
+    def image_keys(self, files: Iterable[Path | EmbeddedImage]) -> dict[Path | EmbeddedImage, str]:
+        """image -> image key (content hash); images that cannot be read are left out.
+        A file's hash is remembered by its stat; an embedded image's bytes are hashed each time."""
         self.root.mkdir(parents=True, exist_ok=True)
         hashes = FileHashes(self.root / HASHES)
         keys = {}
         for file in files:
-            digest = hashes.digest(file)
+            if isinstance(file, EmbeddedImage):
+                try:
+                    digest = hashlib.sha256(file.read()).hexdigest()[:32]
+                except DataError:
+                    digest = None  # reported with its sample
+            else:
+                digest = hashes.digest(file)
             if digest is not None:
-                keys[str(file)] = digest
+                keys[file] = digest
         hashes.save()
         return keys
 
@@ -187,14 +195,18 @@ class FeatureCache:
         write_text(self.folder / INDEX, json.dumps(index))
 
     def fill(
-        self, keys: dict[str, str], vision, show_progress: bool = True, stop: Callable[[], bool] = lambda: False
+        self,
+        keys: dict[Path | EmbeddedImage, str],
+        vision,
+        show_progress: bool = True,
+        stop: Callable[[], bool] = lambda: False,
     ) -> int:
-        """Compute and store the features of every image in `keys` (str(file) -> image
+        """Compute and store the features of every image in `keys` (image -> image
         key) that the cache lacks, with `vision` (a VisionEncoder, on any device).
         Returns how many were computed. `stop()` true between two batches ends the
         fill early, keeping what was computed. Images that cannot be decoded are
         left out: their samples are reported as bad when read, as without the cache."""
-        wanted: dict[str, str] = {}  # image key -> one file with that content
+        wanted: dict[str, Path | EmbeddedImage] = {}  # image key -> one image with that content
         for file, key in keys.items():
             wanted.setdefault(key, file)
         with self._locked():
@@ -245,14 +257,14 @@ class FeatureCache:
 
     # -- reading (any process)
 
-    def view(self, keys: dict[str, str]) -> FeatureView:
-        """What a data set reads: image file -> its features, for the files in `keys`
+    def view(self, keys: dict[Path | EmbeddedImage, str]) -> FeatureView:
+        """What a data set reads: image -> its features, for the images in `keys`
         that the cache holds (the index as it is now; rows are never rewritten)."""
         try:
             index = json.loads((self.folder / INDEX).read_text(encoding="utf-8"))
         except FileNotFoundError:
             index = self._empty()
-        rows = {file: index["entries"][k][0] for file, k in keys.items() if k in index["entries"]}
+        rows = {str(file): index["entries"][k][0] for file, k in keys.items() if k in index["entries"]}
         return FeatureView(self.folder / FEATURES, rows, index["rows"], self.shape)
 
 
@@ -281,7 +293,7 @@ class FeatureView:
             self._array = np.memmap(self.path, DTYPE, "r", shape=self.shape)
         return self._array
 
-    def get(self, file: Path, where: str) -> torch.Tensor:
+    def get(self, file: Path | EmbeddedImage, where: str) -> torch.Tensor:
         """The features of `file`; a DataError (as without the cache) when it has none."""
         row = self.rows.get(str(file))
         if row is None:
@@ -325,7 +337,7 @@ def attach(
     features were computed (0: all were cached)."""
     start = time.perf_counter()
     cache = FeatureCache(root, vision, processor, log)
-    files = sorted(dataset.image_files(indices), key=str)
+    files = sorted(dataset.image_files(indices), key=str)  # Path or EmbeddedImage
     computed = cache.fill(cache.image_keys(files), vision, stop=stop) if is_main else 0
     wait()
     view = cache.view(cache.image_keys(files))  # files unchanged since: their hashes are remembered

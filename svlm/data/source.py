@@ -1,14 +1,20 @@
-"""Where a data set's files are: the generated shapes set, or the user's files."""
+"""Where a data set's files are (the generated shapes set, or the user's files and
+tables), and the data sets that read them."""
 
 from __future__ import annotations
 
+import glob
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from svlm.config import ConfigError, DataConfig
-from svlm.data.dataset import ChatDataset, LazyChatDataset, MixedDataset
-from svlm.data.formats import BadSamples
+from svlm.config import ConfigError, DataConfig, SourceConfig
+from svlm.data.dataset import ChatDataset, LazyChatDataset, MixedDataset, TableChatDataset
+from svlm.data.formats import BadSamples, DataError, Record, read_records
+from svlm.data.hub import Table, is_table
 from svlm.data.shapes import ShapesSpec, build_shapes
 
 
@@ -37,21 +43,79 @@ def image_dir(cfg: DataConfig, root: Path, task: str) -> Path:
     return root / cfg.image_dir.replace("{task}", task)
 
 
-def split_file(cfg: DataConfig, root: Path, split: str, task: str) -> Path | None:
-    """The file of a split ('train', 'val', 'test') for a task, or None if the config has none."""
-    name = {"train": cfg.train_file, "val": cfg.val_file, "test": cfg.test_file}[split]
-    if name is None:
+@dataclass(frozen=True)
+class DataFile:
+    """One source a stage reads: a jsonl/JSON file, or a table (svlm/data/hub.py),
+    with how to read it and where its image files are."""
+
+    path: Path
+    images: Path  # image file names resolve here
+    fmt: str = "auto"
+    subset: str | None = None
+    split: str = "train"
+    weight: float = 1.0
+
+    @property
+    def is_table(self) -> bool:
+        return is_table(self.path)
+
+    def exists(self) -> bool:
+        return self.path.exists() or (glob.has_magic(str(self.path)) and bool(glob.glob(str(self.path))))
+
+    def table(self) -> Table:
+        return Table(self.path, self.images, self.fmt, self.subset, self.split)
+
+    def records(self, on_error: str = "skip", bad: BadSamples | None = None) -> Iterator[Record]:
+        """Every record, bad ones skipped (counted in `bad`) or raised."""
+        if not self.is_table:
+            yield from read_records(self.path, on_error, bad, self.fmt)
+            return
+        table = self.table()
+        for i in range(len(table)):
+            try:
+                yield table.record(i)
+            except DataError as e:
+                if on_error == "raise":
+                    raise
+                if bad is not None:
+                    bad.add(e)
+
+    def stamp(self) -> str:
+        """What changes when the data does (sizes and times of its files)."""
+        files = sorted(glob.glob(str(self.path))) if glob.has_magic(str(self.path)) else [self.path]
+        stats = [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+        return f"{stats}:{self.subset}:{self.split}:{self.fmt}"
+
+
+def data_file(cfg: DataConfig, root: Path, task: str, role: str, src: SourceConfig | None = None) -> DataFile:
+    """The DataFile of data.<role>_file (role: train, val, test), or of a data.sources entry."""
+    if src is None:
+        name = {"train": cfg.train_file, "val": cfg.val_file, "test": cfg.test_file}[role]
+        return DataFile(root / name.replace("{task}", task), image_dir(cfg, root, task), cfg.format, cfg.subset,
+                        cfg.splits[role])  # fmt: skip
+    images = root / src.image_dir.replace("{task}", task) if src.image_dir else image_dir(cfg, root, task)
+    return DataFile(root / src.file.replace("{task}", task), images, src.format or cfg.format,
+                    src.subset or cfg.subset, src.split, src.weight)  # fmt: skip
+
+
+def split_file(cfg: DataConfig, root: Path, split: str, task: str) -> DataFile | None:
+    """The source of a split ('train', 'val', 'test') for a task, or None if the config has none."""
+    if {"train": cfg.train_file, "val": cfg.val_file, "test": cfg.test_file}[split] is None:
         return None
-    path = root / name.replace("{task}", task)
-    if not path.is_file():
-        raise ConfigError(f"data.{split}_file: {path} does not exist")
-    return path
+    found = data_file(cfg, root, task, split)
+    if not found.exists():
+        raise ConfigError(f"data.{split}_file: {found.path} does not exist")
+    return found
 
 
-def train_files(cfg: DataConfig, root: Path, task: str) -> list[Path]:
-    """The files training reads: the sources, or train_file."""
+def train_files(cfg: DataConfig, root: Path, task: str) -> list[DataFile]:
+    """The sources training reads: data.sources, or data.train_file."""
     if cfg.sources:
-        return [root / src.file.replace("{task}", task) for src in cfg.sources]
+        files = [data_file(cfg, root, task, "train", src) for src in cfg.sources]
+        for f in files:
+            if not f.exists():
+                raise ConfigError(f"data.sources: {f.path} does not exist")
+        return files
     return [split_file(cfg, root, "train", task)]
 
 
@@ -59,16 +123,21 @@ LAZY_BYTES = 100 * 2**20  # data.lazy=auto: files larger than this are read lazi
 
 
 def open_dataset(
-    cfg: DataConfig, path: Path, images: Path, encoder, processor, max_len: int, bad: BadSamples
+    cfg: DataConfig, file: DataFile, encoder, processor, max_len: int, bad: BadSamples
 ) -> ChatDataset | LazyChatDataset:
-    """One data file: encoded up front, or read lazily when large (data.lazy)."""
+    """One source: a table (always read lazily), or a jsonl/JSON file encoded up
+    front or read lazily when large (data.lazy)."""
+    args = (encoder, processor, max_len, cfg.on_error, bad, cfg.max_images, file.fmt)
+    if file.is_table:
+        return TableChatDataset(file.table(), file.images, *args)
+    path = file.path
     lazy = cfg.lazy == "always" or (cfg.lazy == "auto" and path.stat().st_size > LAZY_BYTES)
     if lazy and path.suffix != ".jsonl":
         if cfg.lazy == "always":
             raise ConfigError(f"data.lazy=always reads .jsonl files one line at a time; {path} is not one")
         lazy = False  # a JSON list has to be parsed whole
     cls = LazyChatDataset if lazy else ChatDataset
-    return cls(path if lazy else [path], images, encoder, processor, max_len, cfg.on_error, bad, cfg.max_images)
+    return cls(path if lazy else [path], file.images, *args)
 
 
 def load_splits(
@@ -77,23 +146,13 @@ def load_splits(
     """(train, validation) data sets of a task. Training reads data.train_file, or
     the data.sources mixed by weight. Validation is data.val_file, or
     data.val_fraction of the training data held out, or None."""
-    images = image_dir(cfg, root, task)
-    if cfg.sources:
-        parts, weights = [], []
-        for src in cfg.sources:
-            path = root / src.file.replace("{task}", task)
-            if not path.is_file():
-                raise ConfigError(f"data.sources: {path} does not exist")
-            src_images = root / src.image_dir.replace("{task}", task) if src.image_dir else images
-            parts.append(open_dataset(cfg, path, src_images, encoder, processor, max_len, bad))
-            weights.append(src.weight)
-    else:
-        parts = [open_dataset(cfg, split_file(cfg, root, "train", task), images, encoder, processor, max_len, bad)]
-        weights = [1.0]
+    files = train_files(cfg, root, task)
+    parts = [open_dataset(cfg, f, encoder, processor, max_len, bad) for f in files]
+    weights = [f.weight for f in files]
     val_file = split_file(cfg, root, "val", task)
     val = None
     if val_file is not None:
-        val = open_dataset(cfg, val_file, images, encoder, processor, max_len, bad)
+        val = open_dataset(cfg, val_file, encoder, processor, max_len, bad)
     elif cfg.val_fraction > 0:
         if sum(len(p) for p in parts) < 2:
             raise ConfigError(f"data.val_fraction={cfg.val_fraction}: the training data has only one sample")

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from svlm.config import ConfigError, DataConfig, EvalConfig
 from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.dataset import ChatDataset, Collator
 from svlm.data.formats import BadSamples, DataError
-from svlm.data.source import data_root, image_dir, load_splits, split_file
+from svlm.data.source import DataFile, data_root, load_splits, open_dataset, split_file
 from svlm.hardware import autocast_for, pick_device
 from svlm.inference.generation import generate
 from svlm.model_folder import load_model, resolve_model
@@ -181,7 +181,6 @@ def evaluate(cfg: EvalConfig) -> dict:
     root = data_root(data_cfg, cfg.paths.cache)
     encoder = ChatEncoder.for_model(tokenizer, model)
     processor = ImageProcessor(model.cfg.vision)
-    images = image_dir(data_cfg, root, cfg.task)
     max_len = min(data_cfg.max_len, model.cfg.lm.max_seq_len)
     bad = BadSamples()
     results: dict = {"model": str(folder), "stage": meta.get("stage")}
@@ -189,8 +188,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     # Loss and perplexity: the validation split (a file, or the held-out
     # fraction of the training file with the training seed); without one, the
     # whole training file, as the original's `validate` did.
-    def read(file: Path) -> ChatDataset:
-        return ChatDataset([file], images, encoder, processor, max_len, data_cfg.on_error, bad, data_cfg.max_images)
+    def read(file: DataFile) -> Dataset:
+        return open_dataset(data_cfg, file, encoder, processor, max_len, bad)
 
     val_file = split_file(data_cfg, root, "val", cfg.task)
     if val_file is not None:

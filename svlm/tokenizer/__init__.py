@@ -76,31 +76,31 @@ def load_tokenizer(path: str | os.PathLike, chat_template: str = "ours") -> PreT
     return finish(AutoTokenizer.from_pretrained(folder, local_files_only=True), chat_template)
 
 
-def texts_of(jsonl_files: Iterable[str | os.PathLike], max_records: int | None = None) -> Iterable[str]:
-    """Every turn's text in jsonl/json files of either format, from at most
-    `max_records` records a file (bad lines are skipped here; the data loader
-    reports them)."""
-    from svlm.data.formats import read_records
+def texts_of(files: Iterable, max_records: int | None = None) -> Iterable[str]:
+    """Every turn's text in data sources (DataFile: jsonl/JSON files or tables of
+    any format), from at most `max_records` records a source (bad records are
+    skipped here; the data loader reports them). A plain path is a source of its own."""
+    from svlm.data.source import DataFile
 
-    for path in jsonl_files:
-        for i, rec in enumerate(read_records(path, on_error="skip")):
+    for file in files:
+        file = file if isinstance(file, DataFile) else DataFile(Path(file), Path(file).parent)
+        for i, rec in enumerate(file.records(on_error="skip")):
             if max_records is not None and i >= max_records:
                 break
             for _, content in rec.turns:
                 yield content.replace(IMAGE_TOKEN, "")
 
 
-def tokenizer_for_data(cfg: TokenizerConfig, train_files: list[Path]) -> PreTrainedTokenizerBase:
+def tokenizer_for_data(cfg: TokenizerConfig, train_files: list) -> PreTrainedTokenizerBase:
     """The configured tokenizer folder, or our BPE trained once on `train_files`
-    and cached next to the first of them."""
+    (DataFile, svlm/data/source.py) and cached next to the first of them."""
     if cfg.path is not None:
         return load_tokenizer(cfg.path, cfg.chat_template)
     h = hashlib.sha256()
     for f in train_files:
-        st = Path(f).stat()
-        h.update(f"{Path(f).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f.stamp().encode())
     h.update(f"vocab={cfg.vocab_size}".encode())
-    folder = Path(train_files[0]).parent / ".svlm" / f"tokenizer-bpe{cfg.vocab_size}-{h.hexdigest()[:10]}"
+    folder = Path(train_files[0].path).parent / ".svlm" / f"tokenizer-bpe{cfg.vocab_size}-{h.hexdigest()[:10]}"
     if (folder / "tokenizer.json").is_file():
         return load_tokenizer(folder)
     tok = train_bpe(texts_of(train_files, max_records=200_000), cfg.vocab_size)  # plenty for a BPE

@@ -18,7 +18,7 @@ from svlm.typed import build, to_plain
 
 @dataclass
 class TrainTokenizerConfig:
-    files: list[str] = field(default_factory=list)  # jsonl or json files in our or LLaVA's format
+    files: list[str] = field(default_factory=list)  # jsonl/json files or tables, of any data format
     vocab_size: int = 6400
     out: str | None = None  # the folder to write
     paths: PathsConfig = field(default_factory=PathsConfig)

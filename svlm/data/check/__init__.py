@@ -3,9 +3,11 @@
     python -m svlm.data.check data=svlm data.root=Svlmdata tokenizer.path=llava-1.5-7b-hf [model=svlm] [stage=...]
 
 Takes the same overrides as train.py. For every file the chosen stages read
-(train, validation, test), it parses every record, tokenizes it with the
-chat template, opens and decodes every image, and reports: good and bad
-samples by reason with the first examples (file:line), samples cut to
+(train, validation, test) -- jsonl/JSON files or tables (parquet, arrow,
+save_to_disk and hub repository folders) of any format -- it parses every
+record, tokenizes it with the chat template, opens and decodes every image
+(embedded bytes too), and reports: good and bad samples by reason with the
+first examples (file:line, or file:row of a table), samples cut to
 data.max_len, a histogram of token lengths, and the share of supervised
 (answer) tokens. The report is printed and written to
 outputs/check/<time>/report.json. Exit code 1 when anything is bad.
@@ -14,14 +16,13 @@ outputs/check/<time>/report.json. Exit code 1 when anything is bad.
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 from svlm.config import TrainConfig
 from svlm.data.chat import IGNORE, ChatEncoder, chat_format_of
-from svlm.data.dataset import ChatDataset
+from svlm.data.dataset import ChatDataset, TableChatDataset
 from svlm.data.formats import BadSamples, DataError
 from svlm.data.images import open_image
-from svlm.data.source import data_root, image_dir, split_file, train_files
+from svlm.data.source import DataFile, data_root, split_file, train_files
 from svlm.errors import ConfigError
 from svlm.models.projector import count_tokens
 from svlm.models.vision import sync_with_checkpoint
@@ -40,26 +41,38 @@ def histogram(lengths: list[int], bins: int = 8, width: int = 40) -> list[str]:
     ]
 
 
-def check_file(path: Path, images: Path, encoder: ChatEncoder, max_len: int, max_images: int = 8) -> dict:
+def check_file(file: DataFile, encoder: ChatEncoder, max_len: int, max_images: int = 8) -> dict:
+    """Every record of one source parsed, encoded and its images decoded (bad ones counted by reason)."""
     bad = BadSamples()
-    try:
-        ds = ChatDataset([path], images, encoder, None, max_len, "skip", bad, max_images)
-        examples, truncated = ds.examples, ds.truncated
-    except ValueError:  # no usable sample at all: the reasons are in `bad`
-        examples, truncated = [], []
-    unreadable = 0
+    examples = []
+    if file.is_table:  # rows read one at a time
+        ds = TableChatDataset(file.table(), file.images, encoder, None, max_len, "skip", bad, max_images, file.fmt)
+        for i in range(len(ds)):
+            try:
+                examples.append(ds.example(i))
+            except DataError as e:
+                bad.add(e)
+    else:
+        try:
+            ds = ChatDataset([file.path], file.images, encoder, None, max_len, "skip", bad, max_images, file.fmt)
+            examples = ds.examples
+        except ValueError:  # no usable sample at all: the reasons are in `bad`
+            ds = None
+    truncated = ds.truncated if ds is not None else []
+    decoded = []
     for ex in examples:  # every image, fully decoded
         try:
             for image in ex.images:
                 open_image(image, ex.where)
+            decoded.append(ex)
         except DataError as e:
             bad.add(e)
-            unreadable += 1
+    examples = decoded
     lengths = [len(ex.input_ids) for ex in examples]
     supervised = sum(sum(lab != IGNORE for lab in ex.labels) for ex in examples)
     return {
-        "file": str(path),
-        "good": len(examples) - unreadable,
+        "file": str(file.path) + (f" (subset {file.subset}, split {file.split})" if file.subset else ""),
+        "good": len(examples),
         "bad": bad.total,
         "bad_by_reason": dict(bad.counts),
         "bad_examples": bad.examples,
@@ -82,25 +95,21 @@ def check(cfg: TrainConfig) -> dict:
     encoder = ChatEncoder(tokenizer, n_slots, cfg.model.image_placement, chat_format_of(tokenizer))
     max_len = min(cfg.data.max_len, cfg.model.lm.max_seq_len)
     reports = []
+    seen = set()
     for task in tasks:
-        paths = [(p, image_dir(cfg.data, root, task)) for p in train_files(cfg.data, root, task)]
-        for src in cfg.data.sources:  # a source may have its own image folder
-            if src.image_dir:
-                i = [str(p) for p, _ in paths].index(str(root / src.file.replace("{task}", task)))
-                paths[i] = (paths[i][0], root / src.image_dir.replace("{task}", task))
+        files = train_files(cfg.data, root, task)
         for split in ("val", "test"):
             try:
-                path = split_file(cfg.data, root, split, task)
+                file = split_file(cfg.data, root, split, task)
             except ConfigError as e:
                 print(f"note: {e}")
                 continue
-            if path is not None:
-                paths.append((path, image_dir(cfg.data, root, task)))
-        for path, images in paths:
-            if not path.is_file():
-                raise ConfigError(f"data: {path} does not exist")
-            if str(path) not in {r["file"] for r in reports}:
-                reports.append(check_file(path, images, encoder, max_len, cfg.data.max_images))
+            if file is not None:
+                files.append(file)
+        for file in files:
+            if file not in seen:
+                seen.add(file)
+                reports.append(check_file(file, encoder, max_len, cfg.data.max_images))
     return {"data": cfg.data.name, "root": str(root), "max_len": max_len,
             "image_tokens": encoder.num_image_tokens, "files": reports}  # fmt: skip
 
