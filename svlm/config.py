@@ -89,6 +89,10 @@ class DataConfig:
     # Read jsonl records one at a time through a cached line index instead of
     # encoding every record at start: auto = for files over 100 MB.
     lazy: Literal["auto", "always", "never"] = "auto"
+    # Read parquet training shards as a stream (svlm/data/streaming.py): a few row groups at a
+    # time, shuffled within windows of shuffle_buffer rows, resumed exactly from a checkpoint.
+    streaming: bool = False
+    shuffle_buffer: int = 1000
     max_len: int = 512  # tokens, image placeholders included (the original's --fixed_len)
     max_images: int = 8  # images a sample may have (its "image" list); more: a bad sample
     shuffle: bool = True  # a new order every epoch; false: file order
@@ -115,6 +119,16 @@ class DataConfig:
             raise ConfigError("data.val_file and data.val_fraction both set: use one (set data.val_file=null)")
         if self.max_images < 1:
             raise ConfigError(f"data.max_images must be at least 1, got {self.max_images}")
+        if self.streaming and self.val_fraction > 0:
+            raise ConfigError(
+                "data.streaming=true cannot hold out data.val_fraction of a stream: set data.val_file "
+                "(a file or table read whole) and data.val_fraction=0"
+            )
+        if self.streaming and self.sources and len({s.weight for s in self.sources}) > 1:
+            raise ConfigError(
+                "data.streaming=true reads data.sources row by row, all alike: weights other than equal need "
+                "random access (data.streaming=false)"
+            )
         if set(self.splits) != {"train", "val", "test"}:
             raise ConfigError(f"data.splits names the split of train, val and test; got the keys {sorted(self.splits)}")
         if self.max_len < 8:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, path_overrides, tiny_train_overrides
+from test_streaming import shards  # noqa: F401  (the parquet shards fixture)
 
 from svlm.model_folder import load_model
 from svlm.training.checkpoint import checkpoints, load_trainer_state
@@ -90,3 +91,21 @@ def test_eval_with_two_processes_gathers_the_same_results(one_process, cache_dir
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
     lines = (base / "eval-two" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 64 and len({json.loads(x)["where"] for x in lines}) == 64
+
+
+def test_two_processes_stream_and_resume_exactly(shards, tmp_path, cache_dir):  # noqa: F811
+    """data.streaming=true over 2 processes: each reads its own row groups; the
+    step-3 checkpoint resumed (2 processes again) gives the uninterrupted losses."""
+    from test_streaming import streaming_data
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29520",
+                "train.py"]  # fmt: skip
+    data = [*streaming_data(shards), "stage.sample_grid=0", "stage.save_every=3", "stage.keep_last=0"]
+    _run([*torchrun, *_overrides(tmp_path, cache_dir, "full", 4, *data)], cache_dir)
+    run = tmp_path / "outputs" / "full"
+    uninterrupted = _losses(run)
+    ckpt = checkpoints(run / "stage1")[0]
+    assert ckpt.name == "step-0000003" and load_trainer_state(ckpt)["stream"]["readers"] == 2
+    _run([*torchrun, f"resume={ckpt}", f"paths.outputs={tmp_path}/outputs",
+          f"hydra.run.dir={tmp_path}/outputs/resumed"], cache_dir)  # fmt: skip
+    assert len(uninterrupted) == STEPS and _losses(run) == pytest.approx(uninterrupted, rel=1e-5)

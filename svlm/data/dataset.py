@@ -76,6 +76,8 @@ class _Conversations(Dataset):
     Example into a training item (image opened and preprocessed, or its cached
     features looked up once `use_features` was called)."""
 
+    lazy = False  # records read as batches need them (bad ones found then)
+
     def __init__(
         self,
         source,
@@ -118,18 +120,21 @@ class _Conversations(Dataset):
     def __getitem__(self, i: int) -> dict | None:
         """The item for the collator, or None for a bad sample (reported and counted)."""
         self.fetched += 1
-        pixels = features = None
         try:
-            ex = self.example(i)
-            if ex.images and self.features is not None:
-                features = torch.stack([self.features.get(im, ex.where) for im in ex.images])  # (k, P, Dv) float16
-            elif ex.images:
-                pixels = torch.stack([self.processor(open_image(im, ex.where)) for im in ex.images])  # (k, 3, S, S)
+            return self.item(self.example(i))
         except DataError as e:
             if self.on_error == "raise":
                 raise
             self.bad.add(e)
             return None
+
+    def item(self, ex: Example) -> dict:
+        """An Example's images opened and preprocessed, or their cached features looked up."""
+        pixels = features = None
+        if ex.images and self.features is not None:
+            features = torch.stack([self.features.get(im, ex.where) for im in ex.images])  # (k, P, Dv) float16
+        elif ex.images:
+            pixels = torch.stack([self.processor(open_image(im, ex.where)) for im in ex.images])  # (k, 3, S, S)
         item = {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
         if features is not None:
             item["vision_features"] = features
@@ -184,6 +189,8 @@ class LazyChatDataset(_Conversations):
     """A jsonl file too large to encode up front: a line index (built once, cached
     beside the file), and each record read, parsed and encoded when a batch needs
     it. Bad records are found then: reported, counted, and skipped (None) or raised."""
+
+    lazy = True
 
     def load(self, file: str | os.PathLike) -> None:
         self.reader = RecordReader(file, self.fmt)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -166,15 +167,63 @@ class Table:
         """The encoded bytes of an image a record refers to: embedded, or a file it names."""
         k, row = self.locate(ref.row)
         cell = self.parts[k][1].data.table.column(ref.column)[row]
-        value = (cell.values[ref.k] if is_list(cell) else cell).as_py()
-        if isinstance(value, dict):  # a datasets.Image: {bytes, path}
-            value = value.get("bytes") or value.get("path")
-        if isinstance(value, bytes) and value:
-            return value
-        if isinstance(value, str) and value:
-            file = Path(value) if os.path.isabs(value) else self.image_dir / value
-            try:
-                return file.read_bytes()
-            except OSError as e:
-                raise DataError(ref.name, "missing image", f"{file}: {e.strerror}") from None
-        raise DataError(ref.name, "missing image", "the image cell is empty")
+        return cell_bytes((cell.values[ref.k] if is_list(cell) else cell).as_py(), self.image_dir, ref.name)
+
+
+def cell_bytes(value: object, image_dir: Path, name: str) -> bytes:
+    """An image cell's encoded bytes: a datasets.Image struct ({bytes, path}), raw
+    bytes, or a file name under `image_dir`; a DataError naming the image when there are none."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, bytes) and value:
+        return value
+    if isinstance(value, str) and value:
+        file = Path(value) if os.path.isabs(value) else image_dir / value
+        try:
+            return file.read_bytes()
+        except OSError as e:
+            raise DataError(name, "missing image", f"{file}: {e.strerror}") from None
+    raise DataError(name, "missing image", "the image cell is empty")
+
+
+def parquet_files(path: Path, subset: str | None, split: str) -> list[Path]:
+    """The parquet files of a source, for streaming: a file, a glob, or a hub repository folder."""
+    import datasets
+
+    text = str(path)
+    if glob.has_magic(text):
+        files = sorted(Path(f) for f in glob.glob(text, recursive=True))
+    elif path.is_file():
+        files = [path]
+    elif path.is_dir():
+        try:
+            builder = datasets.load_dataset_builder(text, subset, cache_dir=arrow_cache(path / "x"))
+        except ValueError as e:
+            raise ConfigError(f"data: {path}: {e}") from None
+        files = [Path(f) for f in (builder.config.data_files or {}).get(split, [])]
+    else:
+        raise ConfigError(f"data: {path} does not exist")
+    if not files or any(f.suffix != ".parquet" for f in files):
+        raise ConfigError(f"data.streaming reads parquet shards; {path} gives {[f.name for f in files][:4] or 'none'}")
+    return files
+
+
+def parquet_text_records(files: list[Path], fmt: str, image_dir: Path) -> Iterator[Record | DataError]:
+    """The records of parquet files read a row group at a time, their image
+    columns left unread (what training a tokenizer needs: text, not GBs of
+    pictures). Each record has no images; a bad row comes as its DataError."""
+    import pyarrow.parquet as pq
+
+    for path in files:
+        parquet = pq.ParquetFile(path)
+        columns = parquet.schema_arrow.names
+        layout = detect_format(columns, str(path)) if fmt == "auto" else fmt
+        text = [c for c in columns if c != IMAGE_COLUMN[layout]]
+        first = 0
+        for g in range(parquet.metadata.num_row_groups):
+            for row, obj in enumerate(parquet.read_row_group(g, columns=text).to_pylist()):
+                try:
+                    yield parse_record(obj, f"{path}:{first + row}", layout, images=[])
+                except DataError as e:
+                    yield e
+            first += parquet.metadata.row_group(g).num_rows

@@ -14,8 +14,9 @@ from torch.utils.data import Dataset
 from svlm.config import ConfigError, DataConfig, SourceConfig
 from svlm.data.dataset import ChatDataset, LazyChatDataset, MixedDataset, TableChatDataset
 from svlm.data.formats import BadSamples, DataError, Record, read_records
-from svlm.data.hub import Table, is_table
+from svlm.data.hub import Table, is_table, parquet_files, parquet_text_records
 from svlm.data.shapes import ShapesSpec, build_shapes
+from svlm.data.streaming import StreamingChatDataset
 
 
 def data_root(cfg: DataConfig, cache: str) -> Path:
@@ -65,20 +66,33 @@ class DataFile:
     def table(self) -> Table:
         return Table(self.path, self.images, self.fmt, self.subset, self.split)
 
-    def records(self, on_error: str = "skip", bad: BadSamples | None = None) -> Iterator[Record]:
-        """Every record, bad ones skipped (counted in `bad`) or raised."""
+    def text_records(self, on_error: str = "skip", bad: BadSamples | None = None) -> Iterator[Record]:
+        """Every record's turns (what the tokenizer learns from), bad ones skipped
+        (counted in `bad`) or raised. A table's images are not read: its records
+        come without them (parquet is read a row group at a time, text columns only)."""
         if not self.is_table:
             yield from read_records(self.path, on_error, bad, self.fmt)
             return
-        table = self.table()
+        try:
+            found = parquet_text_records(parquet_files(self.path, self.subset, self.split), self.fmt, self.images)
+        except ConfigError:  # not parquet (arrow, a save_to_disk folder): its memory-mapped rows
+            found = self.table_records(self.table())
+        for rec in found:
+            if isinstance(rec, DataError):
+                if on_error == "raise":
+                    raise rec
+                if bad is not None:
+                    bad.add(rec)
+                continue
+            yield rec
+
+    @staticmethod
+    def table_records(table: Table) -> Iterator[Record | DataError]:
         for i in range(len(table)):
             try:
                 yield table.record(i)
             except DataError as e:
-                if on_error == "raise":
-                    raise
-                if bad is not None:
-                    bad.add(e)
+                yield e
 
     def stamp(self) -> str:
         """What changes when the data does (sizes and times of its files)."""
@@ -147,6 +161,11 @@ def load_splits(
     the data.sources mixed by weight. Validation is data.val_file, or
     data.val_fraction of the training data held out, or None."""
     files = train_files(cfg, root, task)
+    if cfg.streaming:  # one stream over every source's shards (the loop shards it: StreamingChatDataset.shard_for)
+        stream = StreamingChatDataset(files, files[0].images, encoder, processor, max_len, cfg.on_error, bad,
+                                      cfg.max_images, cfg.format)  # fmt: skip
+        val_file = split_file(cfg, root, "val", task)
+        return stream, open_dataset(cfg, val_file, encoder, processor, max_len, bad) if val_file else None
     parts = [open_dataset(cfg, f, encoder, processor, max_len, bad) for f in files]
     weights = [f.weight for f in files]
     val_file = split_file(cfg, root, "val", task)

@@ -84,7 +84,7 @@ def texts_of(files: Iterable, max_records: int | None = None) -> Iterable[str]:
 
     for file in files:
         file = file if isinstance(file, DataFile) else DataFile(Path(file), Path(file).parent)
-        for i, rec in enumerate(file.records(on_error="skip")):
+        for i, rec in enumerate(file.text_records(on_error="skip")):
             if max_records is not None and i >= max_records:
                 break
             for _, content in rec.turns:

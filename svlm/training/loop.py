@@ -176,6 +176,7 @@ def save_checkpoint(run: StageRun, step: int) -> Path:
         "position": {**dataclasses.asdict(run.pos), "samples_in_epoch": run.pos.batch * run.micro * run.world},
         "world": run.world,
         "micro": run.micro,
+        "stream": run.train_ds.layout() if run.cfg.data.streaming else None,
     }
     weights = weights_to_save(run)
     extra_dirs = {}

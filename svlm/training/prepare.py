@@ -25,12 +25,13 @@ from torch.utils.data import DataLoader
 
 from svlm.config import ConfigError, StageConfig, TrainConfig
 from svlm.data.chat import ChatEncoder, chat_format_of
-from svlm.data.dataset import ChatDataset, Collator, LazyChatDataset, MixedDataset
+from svlm.data.dataset import ChatDataset, Collator, MixedDataset
 from svlm.data.feature_cache import attach as attach_features
 from svlm.data.feature_cache import cache_applies
 from svlm.data.formats import BadSamples, check_bad_fraction
 from svlm.data.sampler import EpochSampler
 from svlm.data.source import load_splits, train_files
+from svlm.data.streaming import DeviceLoader, StreamingChatDataset
 from svlm.evaluation.evaluate import shard
 from svlm.memory import CONTEXT_GIB, choose_optimizer
 from svlm.model_folder import load_model, model_key
@@ -129,7 +130,7 @@ class StageRun:
 
     @property
     def lazy_parts(self) -> list:
-        return [d for d in self.parts if isinstance(d, LazyChatDataset)]
+        return [d for d in self.parts if d.lazy]
 
 
 def prepare(cfg, stage, accelerator, init, root, stop, resume) -> StageRun:
@@ -144,17 +145,20 @@ def prepare(cfg, stage, accelerator, init, root, stop, resume) -> StageRun:
     bad = BadSamples()
     max_len = min(cfg.data.max_len, model.cfg.lm.max_seq_len)
     train_ds, val_ds = load_splits(cfg.data, root, stage.task, encoder, processor, max_len, bad, cfg.seed)
-    if not any(isinstance(d, LazyChatDataset) for d in sources(train_ds)):  # every record was read: judge the data now
+    if not any(d.lazy for d in sources(train_ds)):  # every record was read: judge the data now
         check_bad_fraction(bad, len(train_ds) + (len(val_ds) if val_ds else 0), cfg.data.max_bad_fraction)
     micro, accum, total = batch_plan(cfg, stage, accelerator.num_processes, len(train_ds))
     sampler, loader, val_loader = make_loaders(cfg, stage, accelerator, train_ds, val_ds, encoder.pad_id, micro)
     state = load_trainer_state(resume) if resume is not None else None
-    if cache_applies(cfg.data.feature_cache, stage.train_vision, stage.name):
+    if cache_applies(cfg.data.feature_cache, stage.train_vision, stage.name, cfg.data.streaming):
         cache_features(cfg, stage, accelerator, model, processor, (train_ds, val_ds), sampler, state, total, micro,
                        loader.drop_last, stop)  # fmt: skip
     optimizer, scheduler = make_optimizer_and_schedule(cfg, stage, accelerator, model, micro, accum, total, tokenizer)
     # The scheduler counts optimizer steps itself: not prepared (accelerate would step it once per process).
-    prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if isinstance(train_ds, StreamingChatDataset):  # it shards itself: accelerate prepares the rest
+        prepared, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     run = StageRun(cfg, stage, accelerator, stage_dir, key, prepared, accelerator.unwrap_model(prepared), tokenizer,
                    encoder, train_ds, val_ds, bad, sampler, loader, val_loader, optimizer, scheduler, micro, accum,
                    total)  # fmt: skip
@@ -224,22 +228,27 @@ def make_loaders(cfg, stage, accelerator, train_ds, val_ds, pad_id: int, micro: 
     """(sampler, training loader, validation loader or None); each process
     validates its own shard, and validate() adds the sums up."""
     collate = Collator(pad_id)
+    workers = cfg.hardware.num_workers
+    # Each loader seeds its workers from its own generator: starting an epoch (as a resume does
+    # mid-epoch) takes nothing from the global RNG, which dropout (LoRA's) draws from.
+    own = lambda: torch.Generator().manual_seed(cfg.seed)  # noqa: E731
+    val_loader = None
+    if val_ds is not None:
+        val_part = shard(val_ds, accelerator.process_index, accelerator.num_processes)
+        val_loader = DataLoader(val_part, batch_size=micro, collate_fn=collate, num_workers=workers, generator=own())
+    if isinstance(train_ds, StreamingChatDataset):  # the stream is its own sampler (start_at, set_epoch)
+        train_ds.shard_for(accelerator.process_index, accelerator.num_processes, workers, micro, cfg.seed,
+                           cfg.data.shuffle, cfg.data.shuffle_buffer)  # fmt: skip
+        loader = DataLoader(train_ds, batch_size=micro, collate_fn=collate, num_workers=workers, generator=own())
+        return train_ds, DeviceLoader(loader, accelerator.device), val_loader
     mixed = isinstance(train_ds, MixedDataset)
     lengths = train_ds.lengths() if cfg.data.group_by_length and isinstance(train_ds, ChatDataset) else None
     sampler = EpochSampler(
         len(train_ds), cfg.seed, cfg.data.shuffle, *((train_ds.sizes, train_ds.weights) if mixed else (None, None)),
         lengths=lengths, group=stage.batch_size, window=cfg.data.group_window,
     )  # fmt: skip
-    workers = cfg.hardware.num_workers
-    # Each loader seeds its workers from its own generator: starting an epoch (as a resume does
-    # mid-epoch) takes nothing from the global RNG, which dropout (LoRA's) draws from.
-    own = lambda: torch.Generator().manual_seed(cfg.seed)  # noqa: E731
     loader = DataLoader(train_ds, batch_size=micro, sampler=sampler, collate_fn=collate, num_workers=workers,
                         drop_last=len(train_ds) >= micro, generator=own())  # fmt: skip
-    val_loader = None
-    if val_ds is not None:
-        val_part = shard(val_ds, accelerator.process_index, accelerator.num_processes)
-        val_loader = DataLoader(val_part, batch_size=micro, collate_fn=collate, num_workers=workers, generator=own())
     return sampler, loader, val_loader
 
 
@@ -310,6 +319,11 @@ def restore(run: StageRun, state: dict, resume: Path) -> None:
     if state.get("scaler") is not None and run.accelerator.scaler is not None:
         run.accelerator.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
+    if isinstance(run.train_ds, StreamingChatDataset) and state.get("stream") != run.train_ds.layout():
+        raise ConfigError(
+            f"resume={resume}: the stream was read as {state.get('stream')}, now {run.train_ds.layout()}: an exact "
+            "resume of data.streaming needs the same processes x hardware.num_workers, micro-batch, seed and data"
+        )
     position = dict(state["position"])
     done_in_epoch = position.pop("samples_in_epoch")
     run.pos = Position(**position)
