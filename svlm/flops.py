@@ -104,7 +104,7 @@ def _trains(module: torch.nn.Module | None) -> bool:
     return module is not None and any(p.requires_grad for p in module.parameters())
 
 
-def step_flops(model: VLM, batch: int, tokens: int, head_tokens: int | None = None) -> float:
+def step_flops(model: VLM, batch: int, tokens: int, head_tokens: int | None = None, views: int = 1) -> float:
     """Training FLOPs of one step as autograd runs it with the model's present
     requires_grad flags: each part's forward; in the backward, a weight gradient
     (1 x its matmuls) where the part trains, and an input gradient (1 x its
@@ -112,15 +112,16 @@ def step_flops(model: VLM, batch: int, tokens: int, head_tokens: int | None = No
     So a frozen encoder counts once, frozen blocks under the trained ones
     cost no backward, and a block trained through LoRA adapters only its
     adapters' weight gradients. `head_tokens`: the positions of a sequence followed by a
-    supervised token, where the loss makes logits (None: all)."""
+    supervised token, where the loss makes logits (None: all); `views`: encoder views a
+    sample (its images' tiles and thumbnails, svlm/models/tiles.py)."""
     lm = model.lm
     f = lm_parts(model.cfg.lm, tokens)
     head_tokens = tokens if head_tokens is None else head_tokens
-    vis = vision_flops(model.vision.dinov2.config, model.vision.num_patches, 1)
-    proj = projector_flops(model, 1)
+    vis = vision_flops(model.vision.dinov2.config, model.vision.num_patches, views)
+    proj = projector_flops(model, views)
     vision_trains, projector_trains = _trains(model.vision), _trains(model.projector)
     dv = model.vision.dinov2.config
-    patch_embed = model.vision.num_patches * 2 * 3 * dv.patch_size**2 * dv.hidden_size  # no gradient for pixels
+    patch_embed = views * model.vision.num_patches * 2 * 3 * dv.patch_size**2 * dv.hidden_size  # no pixel gradient
     total = vis + (2 * vis - patch_embed if vision_trains else 0)
     total += proj * (1 + projector_trains + (vision_trains or projector_trains))  # (its first layer's: slightly over)
     below = vision_trains or projector_trains or _trains(lm.embed_tokens)  # a gradient reaches the LM's input

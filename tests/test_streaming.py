@@ -137,8 +137,8 @@ def test_streamed_training_resumes_exactly(shards, make_train_cfg, tmp_path, mon
 def test_streaming_config_errors(shards, make_train_cfg):
     with pytest.raises(ConfigError, match="cannot hold out data.val_fraction"):
         make_train_cfg(*streaming_data(shards), "data.val_file=null", "data.val_fraction=0.1")
-    with pytest.raises(ConfigError, match="data.feature_cache=true needs to know the images"):
+    with pytest.raises(ConfigError, match="data.feature_cache=true caches one view .* which data.streaming=true"):
         from svlm.data.feature_cache import cache_applies
 
-        cache_applies(True, False, "stage2", streaming=True)
-    assert cache_applies("auto", False, "stage2", streaming=True) is False  # a stream's images are not known ahead
+        cache_applies(True, False, "stage2", "data.streaming=true")
+    assert cache_applies("auto", False, "stage2", "data.streaming=true") is False  # images not known ahead

@@ -7,7 +7,8 @@ A conversation is a list of (role, text) turns, role "user" or "assistant":
 Only the assistant's text and its end-of-turn token are supervised. A prompt
 for generation ends with "<|assistant|>\n"; generation stops at "<|end|>".
 Each `<image>` in a user turn expands to `num_image_tokens` placeholder ids
-that the model fills with visual tokens.
+that the model fills with visual tokens; with tiles (svlm/models/tiles.py),
+to its grid's layout: one run of slots a view, between separator texts.
 
 Where the images go (`image_placement`, recorded with every model): `first`
 puts a user turn's images before its text, one a line, whatever order the
@@ -27,8 +28,10 @@ The same template is also written, as Jinja, into the tokenizer folder
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
+from svlm.models.tiles import Tiling, layout
 from svlm.models.vlm import IGNORE_INDEX as IGNORE  # the label the loss skips: the model's own constant
 
 IMAGE_TOKEN = "<image>"
@@ -153,9 +156,11 @@ class ChatEncoder:
         image_placement: ImagePlacement = "first",
         chat_format: ChatFormat = "ours",
         stop_ids: tuple[int, ...] = (),
+        tiling: Tiling | None = None,
     ) -> None:
         self.tok = tokenizer
-        self.num_image_tokens = num_image_tokens
+        self.num_image_tokens = num_image_tokens  # slots of one view
+        self.tiling = tiling  # None: every image is one view; else each comes with its grid
         self.image_placement = image_placement
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.pad_id = tokenizer.pad_token_id
@@ -176,24 +181,48 @@ class ChatEncoder:
     def for_model(cls, tokenizer, model) -> ChatEncoder:
         """The encoder a VLM was trained with: its image slots, image placement and chat format."""
         cfg = model.cfg
-        return cls(tokenizer, model.num_image_tokens, cfg.image_placement, cfg.chat_format, tuple(cfg.stop_ids))
+        return cls(tokenizer, model.num_image_tokens, cfg.image_placement, cfg.chat_format, tuple(cfg.stop_ids),
+                   cfg.vision.tiling)  # fmt: skip
 
-    def _ids(self, text: str) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False)
+    def image_ids(self, grid: tuple[int, int] = (1, 1)) -> list[int]:
+        """What one <image> of this grid expands to: N slots a view, between its layout's separators."""
         out: list[int] = []
-        for i in ids:  # each <image> becomes N placeholder slots
-            out.extend([i] * self.num_image_tokens if i == self.image_id else [i])
+        for piece in layout(grid):
+            out += (
+                [self.image_id] * self.num_image_tokens
+                if piece is None
+                else self.tok.encode(piece, add_special_tokens=False)
+            )
         return out
 
-    def encode(self, turns: list[tuple[str, str]], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-        """-> (input_ids, labels); labels are IGNORE except on assistant text + the end-of-turn token."""
+    def _ids(self, text: str, grids: Iterator[tuple[int, int]] | None = None) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False)
+        out: list[int] = []
+        for i in ids:  # each <image> becomes N placeholder slots, or its grid's layout
+            if i != self.image_id:
+                out.append(i)
+            elif self.tiling is None:
+                out.extend([i] * self.num_image_tokens)
+            else:
+                grid = next(grids, None) if grids is not None else None
+                if grid is None:
+                    raise ValueError("with model.vision.tiles every image needs its grid (ImageProcessor.views)")
+                out.extend(self.image_ids(grid))
+        return out
+
+    def encode(
+        self, turns: list[tuple[str, str]], add_generation_prompt: bool = False, grids: list | None = None
+    ) -> tuple[list[int], list[int]]:
+        """-> (input_ids, labels); labels are IGNORE except on assistant text + the end-of-turn token.
+        `grids`: each image's tile grid, in the order of its <image> tag (with tiles only)."""
         turns = [(role, place_images(text, self.image_placement) if role == "user" else text) for role, text in turns]
+        grids = iter(grids or [])
         if self.template is not None:
-            return self._encode_pieces(self.template.pieces(turns, add_generation_prompt))
+            return self._encode_pieces(self.template.pieces(turns, add_generation_prompt), grids)
         ids, labels = list(self.prefix), [IGNORE] * len(self.prefix)
         for role, content in turns:
             head = self._ids(f"<|{role}|>\n")
-            body = self._ids(content) + [self.end_id]
+            body = self._ids(content, grids) + [self.end_id]
             tail = self._ids("\n")
             ids += head + body + tail
             supervised = body if role == "assistant" else [IGNORE] * len(body)
@@ -204,23 +233,27 @@ class ChatEncoder:
             labels += [IGNORE] * len(head)
         return ids, labels
 
-    def _encode_pieces(self, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    def _encode_pieces(self, pieces: list[tuple[str, bool]], grids: Iterator) -> tuple[list[int], list[int]]:
         ids: list[int] = []
         labels: list[int] = []
         for text, supervised in pieces:
-            piece = self._ids(text)
+            piece = self._ids(text, grids)
             ids += piece
             labels += piece if supervised else [IGNORE] * len(piece)
         return ids, labels
 
     def prompt(
-        self, question: str, history: list[tuple[str, str]] | None = None, image: bool | int = True
+        self,
+        question: str,
+        history: list[tuple[str, str]] | None = None,
+        image: bool | int = True,
+        grids: list | None = None,
     ) -> list[int]:
         """Ids of a generation prompt: history, then the user's question. `image`:
         how many images come with it (True: one), tagged before the question
-        when neither it nor the history has tags."""
+        when neither it nor the history has tags; `grids`: theirs, with tiles."""
         n = int(image)
         if n and IMAGE_TOKEN not in question and not any(IMAGE_TOKEN in c for _, c in history or []):
             question = "\n".join([IMAGE_TOKEN] * n + [question])
-        ids, _ = self.encode([*(history or []), ("user", question)], add_generation_prompt=True)
+        ids, _ = self.encode([*(history or []), ("user", question)], add_generation_prompt=True, grids=grids)
         return ids

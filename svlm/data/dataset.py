@@ -16,7 +16,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from svlm.data.chat import IGNORE, IMAGE_TOKEN, ChatEncoder
 from svlm.data.formats import BadSamples, DataError, Record, RecordReader, line_index, read_records
 from svlm.data.hub import Table
-from svlm.data.images import open_image
+from svlm.data.images import image_size, open_image
 from svlm.models.vision import ImageProcessor
 from svlm.models.vlm import target_positions
 
@@ -29,6 +29,7 @@ class Example:
     where: str
     meta: dict
     question: str = ""  # the first user turn's text, without image tags (what the sample grid shows)
+    grids: list[tuple[int, int]] | None = None  # with tiles: each image's grid (svlm/models/tiles.py)
 
 
 def encode_record(
@@ -53,8 +54,9 @@ def encode_record(
     for image in images:
         if isinstance(image, Path) and not image.is_file():
             raise DataError(rec.where, "missing image", str(image))
+    grids = [encoder.tiling.grid(*image_size(im, rec.where)) for im in images] if encoder.tiling else None
     try:
-        ids, labels = encoder.encode(turns)
+        ids, labels = encoder.encode(turns, grids=grids)
     except ValueError as e:  # a tokenizer's own chat template refused or rewrote the conversation
         raise DataError(rec.where, "chat template", str(e)) from None
     cut = len(ids) > max_len
@@ -68,7 +70,7 @@ def encode_record(
     if all(lab == IGNORE for lab in labels[1:]):
         raise DataError(rec.where, "no supervised token", "nothing to learn")
     question = next((text for role, text in rec.turns if role == "user"), "").replace(IMAGE_TOKEN, "").strip()
-    return Example(ids, labels, images, rec.where, rec.meta, question), cut
+    return Example(ids, labels, images, rec.where, rec.meta, question, grids), cut
 
 
 class _Conversations(Dataset):
@@ -133,8 +135,8 @@ class _Conversations(Dataset):
         pixels = features = None
         if ex.images and self.features is not None:
             features = torch.stack([self.features.get(im, ex.where) for im in ex.images])  # (k, P, Dv) float16
-        elif ex.images:
-            pixels = torch.stack([self.processor(open_image(im, ex.where)) for im in ex.images])  # (k, 3, S, S)
+        elif ex.images:  # (views, 3, S, S): one a picture, or each one's tiles and thumbnail
+            pixels = torch.cat([self.processor.views(open_image(im, ex.where))[0] for im in ex.images])
         item = {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
         if features is not None:
             item["vision_features"] = features

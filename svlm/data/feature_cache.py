@@ -72,16 +72,18 @@ COMMIT_EVERY = 1024  # rows between index writes (or an eighth of the rows, if m
 FEATURES, INDEX, META, LOCK, HASHES = "features.f16", "index.json", "meta.json", "lock", "image_hashes.json"
 
 
-def cache_applies(setting: bool | str, train_vision: bool, stage: str, streaming: bool = False) -> bool:
+def cache_applies(setting: bool | str, train_vision: bool, stage: str, unsupported: str | None = None) -> bool:
     """data.feature_cache: auto = on when the stage keeps the encoder frozen (and
-    the data is not streamed: a stream's images are not known ahead); true = on
-    (a ConfigError when the encoder trains or the data streams); false = off. Images
-    are never augmented in SVLM; an augmentation, if one is added, must turn the cache off here."""
-    if streaming:
+    nothing `unsupported` names is on: data.streaming, whose images are not known
+    ahead, or model.vision.tiles, whose views are not image files); true = on (a
+    ConfigError when the encoder trains or something is unsupported); false =
+    off. Images are never augmented in SVLM; an augmentation, if one is added,
+    must turn the cache off here."""
+    if unsupported:
         if setting is True:
             raise ConfigError(
-                "data.feature_cache=true needs to know the images a run reads ahead, which data.streaming=true "
-                "does not: set data.feature_cache=auto or false"
+                f"data.feature_cache=true caches one view of each image file known ahead, which {unsupported} "
+                "does not give: set data.feature_cache=auto or false"
             )
         return False
     if setting is True and train_vision:

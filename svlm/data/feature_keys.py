@@ -27,7 +27,8 @@ def encoder_key(vision, processor) -> str:
     settings = {
         "format": FORMAT_VERSION,
         "dtype": np.dtype(DTYPE).name,
-        "vision": {k: v for k, v in dataclasses.asdict(vision.cfg).items() if k != "path"},
+        # tiles are not an encoder setting (and the cache is off with them): keys stay what they were
+        "vision": {k: v for k, v in dataclasses.asdict(vision.cfg).items() if k not in ("path", "tiles")},
         "dinov2": {k: v for k, v in dinov2.items() if k not in CONFIG_NOISE and not k.startswith("_")},
         "processor": {
             "class": type(processor).__qualname__,

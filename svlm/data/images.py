@@ -58,3 +58,15 @@ def open_image(path: str | Path | EmbeddedImage, where: str = "") -> Image.Image
         raise DataError(where, "image too large", f"{path}: {e}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(where, "unreadable image", f"{path}: {e}") from e
+
+
+def image_size(path: str | Path | EmbeddedImage, where: str = "") -> tuple[int, int]:
+    """(width, height) of an image from its header (not decoded): what choosing its tile grid needs."""
+    source = io.BytesIO(path.read()) if isinstance(path, EmbeddedImage) else path
+    try:
+        with Image.open(source) as im:
+            return im.size
+    except FileNotFoundError as e:
+        raise DataError(where or str(path), "missing image", str(path)) from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(where or str(path), "unreadable image", f"{path}: {e}") from e

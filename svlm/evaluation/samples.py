@@ -103,7 +103,7 @@ class _Prompt:
     prompt: list[int]  # ids up to the first answer
     reference: list[int]  # ids of the first answer, without the end-of-turn token
     image: Image.Image | None  # the first of its images, drawn in the grid
-    pixels: torch.Tensor | None  # (k, 3, S, S): all of them
+    pixels: torch.Tensor | None  # (views, 3, S, S): all of them (with tiles, each one's tiles and thumbnail)
 
 
 def _first_question(ds, index: int, encoder: ChatEncoder, processor: ImageProcessor) -> _Prompt | None:
@@ -118,7 +118,7 @@ def _first_question(ds, index: int, encoder: ChatEncoder, processor: ImageProces
     end = ex.labels.index(encoder.end_id, start) if encoder.end_id in ex.labels[start:] else len(ex.labels)
     prompt = ex.input_ids[:start]
     text = ex.question
-    pixels = torch.stack([processor(im) for im in images]) if images else None
+    pixels = torch.cat([processor.views(im)[0] for im in images]) if images else None  # (views, 3, S, S)
     display = ImageProcessor.to_rgb(images[0]) if images else None
     return _Prompt(text, prompt, ex.labels[start:end], display, pixels)
 

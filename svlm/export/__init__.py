@@ -69,6 +69,11 @@ def export_problems(cfg: VLMConfig, num_register_tokens: int = 0) -> list[str]:
     """Every part of `cfg` that its format (format_for) cannot express, with its config key."""
     p = cfg.projector
     found = []
+    if cfg.vision.tiles is not None:
+        found.append(
+            f"image tiles (model.vision.tiles={cfg.vision.tiles}): the exported processors give each image one "
+            "view, without our tile grid and separators (InternVL's own tiling chooses and marks tiles otherwise)"
+        )
     if num_register_tokens:
         found.append(
             f"a DINOv2 with {num_register_tokens} register tokens (model.vision.path): LLaVA's and InternVL's "

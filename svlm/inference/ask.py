@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from svlm.config import InferConfig
-from svlm.data.chat import ChatEncoder
+from svlm.data.chat import IMAGE_TOKEN, ChatEncoder
 from svlm.data.images import open_image
 from svlm.errors import ConfigError
 from svlm.hardware import autocast_for, pick_device
@@ -28,15 +28,13 @@ def ask(cfg: InferConfig) -> str:
     device = pick_device(cfg.hardware)
     model, tokenizer, _ = load_model(folder, device)
     encoder = ChatEncoder.for_model(tokenizer, model)
-    pixel_values = None
-    if files:
-        process = ImageProcessor(model.cfg.vision)
-        pictures = [process(open_image(file, where=f"image={file}")) for file in files]
-        pixel_values = torch.stack(pictures).to(device)  # (k, 3, S, S)
-    prompt = encoder.prompt(cfg.prompt, image=len(files))
-    tags = prompt.count(encoder.image_id) // model.num_image_tokens
+    tags = cfg.prompt.count(IMAGE_TOKEN) or len(files)  # without tags, each image gets one before the text
     if tags != len(files):
         raise ConfigError(f"prompt has {tags} <image> tag(s) for {len(files)} image(s): each tag takes one image")
+    process = ImageProcessor(model.cfg.vision)
+    views = [process.views(open_image(file, where=f"image={file}")) for file in files]  # (V, 3, S, S), grid
+    pixel_values = torch.cat([v for v, _ in views]).to(device) if views else None  # every image's views
+    prompt = encoder.prompt(cfg.prompt, image=len(files), grids=[g for _, g in views])
     input_ids = torch.tensor([prompt], device=device)
     streamer = TextStreamer(tokenizer, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

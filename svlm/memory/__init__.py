@@ -149,6 +149,12 @@ def _param_bytes(model: VLM) -> tuple[int, int, float, float]:
     )
 
 
+def views_per_image(model: VLM) -> int:
+    """Views the encoder runs on for one image: its largest tile grid's tiles and thumbnail, or 1."""
+    tiling = model.cfg.vision.tiling
+    return tiling.max_views if tiling else 1
+
+
 def saved_bytes(model: VLM, batch: int, seq_len: int, precision: str, device: str = "cpu") -> float:
     """Bytes autograd keeps for the backward pass of one forward (real tensors on
     `device`), plus the logits the loss is made from; weights not included."""
@@ -166,13 +172,14 @@ def saved_bytes(model: VLM, batch: int, seq_len: int, precision: str, device: st
         # output with its grad_fn would make a reference cycle that leaks the model.
         return None
 
-    n_img = model.num_image_tokens
+    views = views_per_image(model)  # the largest tile grid's views (one without tiles)
+    n_img = views * model.num_image_tokens
     ids = torch.full((batch, max(seq_len, n_img + 2)), 5, device=device)
     ids[:, :n_img] = model.cfg.image_token_id
     labels = ids.clone()
     labels[:, :n_img] = IGNORE_INDEX
     size = model.cfg.vision.image_size
-    pixels = torch.zeros(batch, 3, size, size, device=device)  # sizes, not values, matter
+    pixels = torch.zeros(batch * views, 3, size, size, device=device)  # sizes, not values, matter
     low = {"bf16": torch.bfloat16, "fp16": torch.float16 if device == "cuda" else torch.bfloat16}.get(precision)
     model.train()
     with torch.autocast(device, dtype=low or torch.bfloat16, enabled=low is not None):
@@ -210,7 +217,7 @@ def estimate_memory(
         full = _vlm(cfg, vocab)
     _prepare(full, stage, offload)
     n_params, n_trained, weight_b, trained_b = _param_bytes(full)
-    text = max(1, seq_len - full.num_image_tokens)  # positions that can have logits (see the module docstring)
+    text = max(1, seq_len - views_per_image(full) * full.num_image_tokens)  # positions that can have logits
 
     # Activations: six small forward passes, each term linear in layers and samples,
     # on the GPU when the run will use one (exact for its autocast), else the CPU.
@@ -236,7 +243,7 @@ def estimate_memory(
         x_bytes = 2 if offload and full.lm.embed_tokens.weight.requires_grad else 4
         lm_total = n_lm * seq_len * cfg.model.lm.d_model * x_bytes + lm_layer
         vis_total = vis_layer if not stage.train_vision else (
-            n_vis * (full.vision.num_patches + 1) * full.vision.hidden_size * 4 + vis_layer
+            n_vis * (full.vision.num_patches + 1) * full.vision.hidden_size * 4 * views_per_image(full) + vis_layer
         )  # fmt: skip
     else:
         lm_total, vis_total = n_lm * lm_layer, n_vis * vis_layer

@@ -34,6 +34,7 @@ from torch import nn
 from transformers import Dinov2Config, Dinov2Model
 
 from svlm.errors import ConfigError
+from svlm.models.tiles import Tiling
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,8 +55,17 @@ class VisionConfig:
     feature_layer: int | None = None
     image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    # [R, C]: an image larger than image_size is cut into up to R x C tiles plus a
+    # global thumbnail (svlm/models/tiles.py); None: one view of every image.
+    tiles: list[int] | None = None
+
+    @property
+    def tiling(self) -> Tiling | None:
+        return None if self.tiles is None else Tiling(self.tiles[0], self.tiles[1], self.image_size)
 
     def __post_init__(self) -> None:
+        if self.tiles is not None and (len(self.tiles) != 2 or min(self.tiles) < 1):
+            raise ValueError(f"model.vision.tiles is [rows, cols] of at least 1 each (or null), got {self.tiles}")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"model.vision.image_size ({self.image_size}) must be a multiple of "
@@ -123,10 +133,12 @@ def sync_with_checkpoint(cfg: VisionConfig) -> VisionConfig:
 
 
 class ImageProcessor:
-    """PIL image (any mode, any size) -> normalised float tensor (3, S, S)."""
+    """PIL image (any mode, any size) -> normalised float tensor (3, S, S); with
+    tiles, `views` gives an image's tiles and thumbnail (V, 3, S, S) and its grid."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         self.size = cfg.image_size
+        self.tiling = cfg.tiling
         self.mean = np.asarray(cfg.image_mean, dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(cfg.image_std, dtype=np.float32).reshape(3, 1, 1)
 
@@ -154,6 +166,13 @@ class ImageProcessor:
             image = image.resize((self.size, self.size), resample=Image.Resampling.BICUBIC)
         arr = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0  # (3, S, S)
         return torch.from_numpy((arr - self.mean) / self.std)
+
+    def views(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(views (V, 3, S, S), grid): the tiles row by row then the thumbnail, or the one view."""
+        if self.tiling is None:
+            return self(image).unsqueeze(0), (1, 1)
+        views, grid = self.tiling.views(self.to_rgb(image))
+        return torch.stack([self(v) for v in views]), grid
 
 
 class VisionEncoder(nn.Module):

@@ -44,7 +44,7 @@ class QueueFull(Exception):
 class Prompt:
     request: ChatRequest
     input_ids: torch.Tensor  # (1, T)
-    pixel_values: torch.Tensor | None  # (n_images, 3, S, S)
+    pixel_values: torch.Tensor | None  # (views, 3, S, S): one an image, or (with tiles) its tiles and thumbnail
 
 
 @dataclass
@@ -110,7 +110,8 @@ class Engine:
     def prepare(self, body: object) -> Prompt:
         """A decoded JSON body -> a Prompt; APIError for a bad request."""
         request = parse_chat_request(body, self.limits, self.image_root)
-        ids, _ = self.encoder.encode(request.turns, add_generation_prompt=True)
+        views = [self.processor.views(im) for im in request.images]  # each image's (V, 3, S, S) and tile grid
+        ids, _ = self.encoder.encode(request.turns, add_generation_prompt=True, grids=[g for _, g in views])
         context = self.model.cfg.lm.max_seq_len
         if len(ids) >= context:
             raise APIError(
@@ -119,9 +120,7 @@ class Engine:
                 param="messages",
                 code="context_length_exceeded",
             )
-        pixel_values = None
-        if request.images:
-            pixel_values = torch.stack([self.processor(im) for im in request.images])
+        pixel_values = torch.cat([v for v, _ in views]) if views else None
         return Prompt(request, torch.tensor([ids]), pixel_values)
 
     @property

@@ -144,13 +144,17 @@ def prepare(cfg, stage, accelerator, init, root, stop, resume) -> StageRun:
     processor = ImageProcessor(model.cfg.vision)
     bad = BadSamples()
     max_len = min(cfg.data.max_len, model.cfg.lm.max_seq_len)
+    check_tile_budget(encoder, max_len)
     train_ds, val_ds = load_splits(cfg.data, root, stage.task, encoder, processor, max_len, bad, cfg.seed)
     if not any(d.lazy for d in sources(train_ds)):  # every record was read: judge the data now
         check_bad_fraction(bad, len(train_ds) + (len(val_ds) if val_ds else 0), cfg.data.max_bad_fraction)
     micro, accum, total = batch_plan(cfg, stage, accelerator.num_processes, len(train_ds))
     sampler, loader, val_loader = make_loaders(cfg, stage, accelerator, train_ds, val_ds, encoder.pad_id, micro)
     state = load_trainer_state(resume) if resume is not None else None
-    if cache_applies(cfg.data.feature_cache, stage.train_vision, stage.name, cfg.data.streaming):
+    unsupported = (
+        "data.streaming=true" if cfg.data.streaming else "model.vision.tiles" if cfg.model.vision.tiles else None
+    )
+    if cache_applies(cfg.data.feature_cache, stage.train_vision, stage.name, unsupported):
         cache_features(cfg, stage, accelerator, model, processor, (train_ds, val_ds), sampler, state, total, micro,
                        loader.drop_last, stop)  # fmt: skip
     optimizer, scheduler = make_optimizer_and_schedule(cfg, stage, accelerator, model, micro, accum, total, tokenizer)
@@ -166,6 +170,20 @@ def prepare(cfg, stage, accelerator, init, root, stop, resume) -> StageRun:
         restore(run, state, resume)
     announce(run, max_len)
     return run
+
+
+def check_tile_budget(encoder: ChatEncoder, max_len: int) -> None:
+    """With tiles, an image of the largest grid must leave room for text within max_len."""
+    tiling = encoder.tiling
+    if tiling is None or tiling.max_views == 1:
+        return
+    worst = len(encoder.image_ids((tiling.rows, tiling.cols)))
+    if worst >= max_len - 16:
+        raise ConfigError(
+            f"model.vision.tiles=[{tiling.rows}, {tiling.cols}]: an image of that grid takes {worst} tokens "
+            f"({tiling.max_views} views of {encoder.num_image_tokens} and their separators), leaving no room for "
+            f"text in data.max_len={max_len}: raise data.max_len (and model.lm.max_seq_len) or use fewer tiles"
+        )
 
 
 def start_model(cfg, stage, accelerator, init, root, resume, key) -> tuple[VLM, object]:
@@ -340,6 +358,10 @@ def announce(run: StageRun, max_len: int) -> None:
     n_train = sum(x.numel() for x in run.model.parameters() if x.requires_grad)
     p(f"[{name}] {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained; {len(run.train_ds)} samples, "
       f"{run.total} steps of {run.stage.batch_size} ({run.micro} x {run.accum} accumulation x {run.world})")  # fmt: skip
+    tiling = run.encoder.tiling
+    if tiling is not None:
+        p(f"[{name}] tiles: up to {tiling.rows} x {tiling.cols} of {tiling.size} px and a thumbnail; an image takes "
+          f"{run.encoder.num_image_tokens} to {len(run.encoder.image_ids((tiling.rows, tiling.cols)))} tokens")  # fmt: skip
     if run.bad.total:
         p(f"[{name}] {run.bad.summary()}")
     truncated = [w for d in run.parts for w in d.truncated]

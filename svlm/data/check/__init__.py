@@ -82,6 +82,7 @@ def check_file(file: DataFile, encoder: ChatEncoder, max_len: int, max_images: i
         "supervised_share": supervised / max(1, sum(lengths)),
         "histogram": histogram(lengths) if lengths else [],
         "images_per_sample": dict(sorted(Counter(len(ex.images) for ex in examples).items())),
+        "tile_grids": dict(sorted(Counter(f"{r}x{c}" for ex in examples for r, c in ex.grids or []).items())),
     }
 
 
@@ -92,7 +93,8 @@ def check(cfg: TrainConfig) -> dict:
     vision = sync_with_checkpoint(cfg.model.vision) if cfg.model.vision.path else cfg.model.vision
     grid = vision.image_size // vision.patch_size
     n_slots = count_tokens(cfg.model.projector, grid * grid + vision.use_cls)
-    encoder = ChatEncoder(tokenizer, n_slots, cfg.model.image_placement, chat_format_of(tokenizer))
+    encoder = ChatEncoder(tokenizer, n_slots, cfg.model.image_placement, chat_format_of(tokenizer),
+                          tiling=vision.tiling)  # fmt: skip
     max_len = min(cfg.data.max_len, cfg.model.lm.max_seq_len)
     reports = []
     seen = set()
@@ -133,5 +135,8 @@ def print_report(report: dict) -> None:
         if r["images_per_sample"]:
             counts = ", ".join(f"{n}: {k}" for n, k in r["images_per_sample"].items())
             print(f"  samples by number of images: {counts}")
+        if r["tile_grids"]:
+            grids = ", ".join(f"{g}: {k}" for g, k in r["tile_grids"].items())
+            print(f"  images by tile grid (rows x columns): {grids}")
     total_bad = sum(r["bad"] for r in report["files"])
     print(f"\n{'OK: no bad samples' if not total_bad else f'{total_bad} bad sample(s)'}")
