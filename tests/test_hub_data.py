@@ -6,6 +6,7 @@ and scored."""
 
 import io
 import json
+import re
 
 import datasets
 import pytest
@@ -199,17 +200,32 @@ def hub_data(tables, layout: str, *extra: str) -> list[str]:
             "data.val_file='{task}_val.parquet'", "data.test_file=sft_val.parquet", "data.on_error=raise", *extra]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def saved(shapes_root, tables):
+    """<tables>/saved/{task}: save_to_disk folders of the messages layout, splits train and validation."""
+    for task in ("pretrain", "sft"):
+        splits = {split: as_layout(shapes_rows(shapes_root, f"{task}_{name}.jsonl"), shapes_root / "images", "messages")
+                  for split, name in (("train", "train"), ("validation", "val"))}  # fmt: skip
+        datasets.DatasetDict(splits).save_to_disk(str(tables / "saved" / task))
+    return tables / "saved"
+
+
 @pytest.mark.parametrize(("layout", "stage"), [("cauldron", "both"), ("llava_onevision", "llava"),
-                                               ("messages", "both")])  # fmt: skip
-def test_both_stages_train_on_each_layout(tables, layout, stage, make_train_cfg, tmp_path, cache_dir):
-    """stage=llava keeps the encoder frozen: embedded images go through the feature cache."""
+                                               ("messages", "both"), ("saved", "both")])  # fmt: skip
+def test_both_stages_train_on_each_layout(tables, saved, layout, stage, make_train_cfg, tmp_path, cache_dir):
+    """stage=llava keeps the encoder frozen: embedded images go through the feature cache.
+    "saved": save_to_disk folders, each split chosen by data.splits."""
     from conftest import compose, path_overrides
 
     from svlm.config import load_eval_config
     from svlm.evaluation.evaluate import evaluate
     from svlm.training.loop import train
 
-    cfg = make_train_cfg(*hub_data(tables, layout), stage=stage, steps=2, run_dir=tmp_path / "run")
+    data = hub_data(tables, layout)
+    if layout == "saved":
+        data = ["data.kind=files", f"data.root={saved}", "data.train_file='{task}'", "data.val_file='{task}'",
+                "data.test_file=sft", "data.splits.test=validation", "data.on_error=raise"]  # fmt: skip
+    cfg = make_train_cfg(*data, stage=stage, steps=2, run_dir=tmp_path / "run")
     stage1, stage2 = train(cfg)
     for s in ("stage1", "stage2"):
         assert json.loads((tmp_path / "run" / s / "bad_samples.json").read_text())["total"] == 0
@@ -231,3 +247,23 @@ def test_parquet_and_jsonl_sources_mix(tables, shapes_root, make_train_cfg, tmp_
                          stage="both", steps=2, run_dir=tmp_path / "run")  # fmt: skip
     for folder in train(cfg):
         assert json.loads((folder.parent / "bad_samples.json").read_text())["total"] == 0
+
+
+def test_training_skips_bad_rows_and_names_them(shapes_root, tables, make_train_cfg, tmp_path):
+    """Bad rows of a table: skipped and listed as file:row in bad_samples.json; fatal with on_error=raise."""
+    from svlm.training.loop import train
+
+    path = bad_rows(shapes_root, tmp_path)
+    data = ["data.kind=files", f"data.root={tmp_path}", "data.train_file=bad/train.parquet",
+            f"data.val_file={tables}/cauldron/sft_val.parquet", "data.test_file=null", "data.max_bad_fraction=0.9"]  # fmt: skip
+    train(make_train_cfg(*data, "stage.epochs=1", "stage.max_steps=null", "stage.batch_size=2", stage="stage1",
+                         run_dir=tmp_path / "run"))  # fmt: skip
+    bad = json.loads((tmp_path / "run" / "stage1" / "bad_samples.json").read_text())
+    assert bad["total"] == 4 and bad["counts"] == {"unreadable image": 1, "image count": 1, "empty turn": 1,
+                                                      "missing key": 1}  # fmt: skip
+    named = [e for examples in bad["examples"].values() for e in examples]
+    assert sorted(e.split(": ")[0] for e in named) == [f"{path}:{row}" for row in (1, 2, 3, 4)]
+    assert f"{path}:1: unreadable image: {path}:1#0: cannot identify image file" in "\n".join(named)
+    with pytest.raises(DataError, match=re.escape(str(path)) + ":[1-4]: "):  # the first bad row drawn
+        train(make_train_cfg(*data, "data.on_error=raise", "stage.epochs=1", "stage.max_steps=null",
+                             "stage.batch_size=2", stage="stage1", run_dir=tmp_path / "strict"))  # fmt: skip

@@ -37,6 +37,11 @@ class EmbeddedImage:
         return hash(self.name)
 
 
+def reason(error: Exception, source) -> str:
+    """PIL's message, without the repr of an in-memory buffer it may name."""
+    return str(error).replace(f" {source!r}", "") if isinstance(source, io.BytesIO) else str(error)
+
+
 def open_image(path: str | Path | EmbeddedImage, where: str = "") -> Image.Image:
     """Open and fully decode an image (a file, or an EmbeddedImage's bytes); any
     failure is a DataError naming the file or row.
@@ -57,7 +62,7 @@ def open_image(path: str | Path | EmbeddedImage, where: str = "") -> Image.Image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DataError(where, "image too large", f"{path}: {e}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(where, "unreadable image", f"{path}: {e}") from e
+        raise DataError(where, "unreadable image", f"{path}: {reason(e, source)}") from e
 
 
 def image_size(path: str | Path | EmbeddedImage, where: str = "") -> tuple[int, int]:
@@ -69,4 +74,4 @@ def image_size(path: str | Path | EmbeddedImage, where: str = "") -> tuple[int, 
     except FileNotFoundError as e:
         raise DataError(where or str(path), "missing image", str(path)) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(where or str(path), "unreadable image", f"{path}: {e}") from e
+        raise DataError(where or str(path), "unreadable image", f"{path}: {reason(e, source)}") from e
