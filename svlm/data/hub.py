@@ -57,8 +57,14 @@ def arrow_cache(path: Path) -> str | None:
         return None
 
 
-def open_parts(path: Path, subset: str | None, split: str) -> list[tuple[str, object]]:
-    """(name used in file:row, datasets.Dataset) for each part of a table source."""
+def saved_folder(path: Path) -> bool:
+    """Whether `path` is a folder written by save_to_disk (a Dataset or a DatasetDict)."""
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def source_files(path: Path, subset: str | None, split: str) -> list[Path]:
+    """The files of a table source that is not a save_to_disk folder: a glob's
+    matches, the file itself, or the files of a hub repository's split."""
     import datasets
 
     text = str(path)
@@ -66,20 +72,45 @@ def open_parts(path: Path, subset: str | None, split: str) -> list[tuple[str, ob
         files = sorted(Path(f) for f in glob.glob(text, recursive=True))
         if not files:
             raise ConfigError(f"data: no file matches {text}")
-    elif path.is_file():
-        files = [path]
-    elif path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
-        found = datasets.load_from_disk(text)
+        return files
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ConfigError(f"data: {path} does not exist")
+    try:
+        builder = datasets.load_dataset_builder(text, subset, cache_dir=arrow_cache(path / "x"))
+    except ValueError as e:  # an unknown configuration: datasets lists the known ones
+        raise ConfigError(f"data: {path}: {e}") from None
+    data_files = builder.config.data_files or {}
+    if split not in data_files:
+        raise ConfigError(
+            f"data: {path} (subset {subset}) has splits {sorted(map(str, data_files))}, not {split!r} "
+            "(data.splits, or the source's split)"
+        )
+    return [Path(f) for f in data_files[split]]
+
+
+def open_parts(path: Path, subset: str | None, split: str) -> list[tuple[str, object]]:
+    """(name used in file:row, datasets.Dataset) for each part of a table source:
+    each parquet or Arrow file on its own (exact file:row); a save_to_disk
+    folder, or a repository in another file format (json, csv...), whole."""
+    import datasets
+
+    if saved_folder(path):
+        found = datasets.load_from_disk(str(path))
         if isinstance(found, datasets.DatasetDict):
             if split not in found:
-                raise ConfigError(f"data: {path} has splits {sorted(found)}, not {split!r} (set the split key)")
+                raise ConfigError(f"data: {path} has splits {sorted(found)}, not {split!r} (data.splits)")
             found = found[split]
-        return [(text, found)]
-    elif path.is_dir():
-        return repository_parts(path, subset, split)
-    else:
-        raise ConfigError(f"data: {path} does not exist")
-    return [(str(f), open_file(f)) for f in files]
+        return [(str(path), found)]
+    files = source_files(path, subset, split)
+    if all(f.suffix in TABLE_SUFFIXES for f in files):
+        return [(str(f), open_file(f)) for f in files]
+    if not path.is_dir():
+        others = [f.name for f in files if f.suffix not in TABLE_SUFFIXES]
+        raise ConfigError(f"data: {path} matches files that are neither parquet nor arrow: {others[:3]}")
+    whole = datasets.load_dataset(str(path), subset, split=split, cache_dir=arrow_cache(path / "x"))
+    return [(str(path), whole)]
 
 
 def open_file(file: Path):
@@ -88,27 +119,7 @@ def open_file(file: Path):
 
     if file.suffix == ".arrow":
         return datasets.Dataset.from_file(str(file))
-    if file.suffix != ".parquet":
-        raise ConfigError(f"data: {file} is neither parquet nor arrow (a table source holds .parquet or .arrow files)")
     return datasets.load_dataset("parquet", data_files=[str(file)], split="train", cache_dir=arrow_cache(file))
-
-
-def repository_parts(folder: Path, subset: str | None, split: str) -> list[tuple[str, object]]:
-    """A folder `load_dataset` reads (a hub repository's local copy): its parquet
-    files one by one (exact file:row), or, in another file format, the split whole."""
-    import datasets
-
-    try:
-        builder = datasets.load_dataset_builder(str(folder), subset, cache_dir=arrow_cache(folder / "x"))
-    except ValueError as e:  # an unknown configuration: datasets lists the known ones
-        raise ConfigError(f"data: {folder}: {e}") from None
-    data_files = builder.config.data_files or {}
-    files = data_files.get(split)
-    if files is None:
-        raise ConfigError(f"data: {folder} (subset {subset}) has splits {sorted(map(str, data_files))}, not {split!r}")
-    if all(str(f).endswith(".parquet") for f in files):
-        return [(str(f), open_file(Path(f))) for f in files]
-    return [(str(folder), datasets.load_dataset(str(folder), subset, split=split, cache_dir=arrow_cache(folder / "x")))]
 
 
 def is_list(cell: pa.Scalar) -> bool:
@@ -187,22 +198,8 @@ def cell_bytes(value: object, image_dir: Path, name: str) -> bytes:
 
 
 def parquet_files(path: Path, subset: str | None, split: str) -> list[Path]:
-    """The parquet files of a source, for streaming: a file, a glob, or a hub repository folder."""
-    import datasets
-
-    text = str(path)
-    if glob.has_magic(text):
-        files = sorted(Path(f) for f in glob.glob(text, recursive=True))
-    elif path.is_file():
-        files = [path]
-    elif path.is_dir():
-        try:
-            builder = datasets.load_dataset_builder(text, subset, cache_dir=arrow_cache(path / "x"))
-        except ValueError as e:
-            raise ConfigError(f"data: {path}: {e}") from None
-        files = [Path(f) for f in (builder.config.data_files or {}).get(split, [])]
-    else:
-        raise ConfigError(f"data: {path} does not exist")
+    """The parquet files of a source, for streaming and text reading: a file, a glob, or a hub repository's split."""
+    files = [] if saved_folder(path) else source_files(path, subset, split)
     if not files or any(f.suffix != ".parquet" for f in files):
         raise ConfigError(f"data.streaming reads parquet shards; {path} gives {[f.name for f in files][:4] or 'none'}")
     return files

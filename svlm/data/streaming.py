@@ -190,7 +190,7 @@ class StreamingChatDataset(IterableDataset, _Conversations):
         if column in table.column_names:
             cell = table.column(column)[row]
             cells = (cell.values.to_pylist() if cell.is_valid else []) if is_list(cell) else [cell.as_py()]
-            cells = [c for c in cells if c is not None]
+            cells = cells if is_list(cell) or cells[0] is not None else []  # an empty single-image cell: no image
             holder = RowImages(cells, shard.images)
             images = [EmbeddedImage(holder, row, column, k, f"{where}#{k}") for k in range(len(cells))]
         try:
