@@ -249,14 +249,17 @@ def test_parquet_and_jsonl_sources_mix(tables, shapes_root, make_train_cfg, tmp_
         assert json.loads((folder.parent / "bad_samples.json").read_text())["total"] == 0
 
 
-def test_training_skips_bad_rows_and_names_them(shapes_root, tables, make_train_cfg, tmp_path):
-    """Bad rows of a table: skipped and listed as file:row in bad_samples.json; fatal with on_error=raise."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_skips_bad_rows_and_names_them(shapes_root, tables, make_train_cfg, tmp_path, workers):
+    """Bad rows of a table: skipped and listed as file:row in bad_samples.json, each once over two
+    epochs, also when data-loader workers find them; fatal with on_error=raise."""
     from svlm.training.loop import train
 
     path = bad_rows(shapes_root, tmp_path)
     data = ["data.kind=files", f"data.root={tmp_path}", "data.train_file=bad/train.parquet",
-            f"data.val_file={tables}/cauldron/sft_val.parquet", "data.test_file=null", "data.max_bad_fraction=0.9"]  # fmt: skip
-    train(make_train_cfg(*data, "stage.epochs=1", "stage.max_steps=null", "stage.batch_size=2", stage="stage1",
+            f"data.val_file={tables}/cauldron/sft_val.parquet", "data.test_file=null", "data.max_bad_fraction=0.9",
+            f"hardware.num_workers={workers}"]  # fmt: skip
+    train(make_train_cfg(*data, "stage.epochs=2", "stage.max_steps=null", "stage.batch_size=2", stage="stage1",
                          run_dir=tmp_path / "run"))  # fmt: skip
     bad = json.loads((tmp_path / "run" / "stage1" / "bad_samples.json").read_text())
     assert bad["total"] == 4 and bad["counts"] == {"unreadable image": 1, "image count": 1, "empty turn": 1,
@@ -267,3 +270,18 @@ def test_training_skips_bad_rows_and_names_them(shapes_root, tables, make_train_
     with pytest.raises(DataError, match=re.escape(str(path)) + ":[1-4]: "):  # the first bad row drawn
         train(make_train_cfg(*data, "data.on_error=raise", "stage.epochs=1", "stage.max_steps=null",
                              "stage.batch_size=2", stage="stage1", run_dir=tmp_path / "strict"))  # fmt: skip
+
+
+def test_bad_samples_travel_and_count_once():
+    import pickle
+
+    err = DataError("a.parquet:3", "empty turn", "turn 1 (assistant) has no text")
+    back = pickle.loads(pickle.dumps(err))  # from a data-loader worker or another process
+    assert (back.where, back.reason, str(back)) == (err.where, err.reason, str(err))
+    one, two = BadSamples(), BadSamples()
+    one.add(err)
+    one.add(err)  # drawn again in a later epoch
+    two.add(err)
+    two.add(DataError("a.parquet:5", "missing key", "no texts"))
+    one.merge(two)  # another process saw row 3 too
+    assert one.total == 2 and dict(one.counts) == {"empty turn": 1, "missing key": 1}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, Dataset, get_worker_info
 
 from svlm.data.chat import IGNORE, IMAGE_TOKEN, ChatEncoder
 from svlm.data.formats import BadSamples, DataError, Record, RecordReader, line_index, read_records
@@ -125,10 +125,19 @@ class _Conversations(Dataset):
         try:
             return self.item(self.example(i))
         except DataError as e:
-            if self.on_error == "raise":
-                raise
-            self.bad.add(e)
-            return None
+            return self.skip(e)
+
+    def skip(self, err: DataError) -> dict | None:
+        """A bad sample: raised (data.on_error=raise), or counted and None. In a data-loader
+        worker (whose count would stay in its copy of the data set, and whose exception
+        would reach the loop as a RuntimeError) {"bad": err} instead: the Collator puts it in
+        batch["bad_samples"], and `take_bad` raises or counts it in the main process."""
+        if get_worker_info() is not None:
+            return {"bad": err, "fatal": self.on_error == "raise"}
+        if self.on_error == "raise":
+            raise err
+        self.bad.add(err)
+        return None
 
     def item(self, ex: Example) -> dict:
         """An Example's images opened and preprocessed, or their cached features looked up."""
@@ -292,6 +301,16 @@ class MixedDataset(ConcatDataset):
             d.use_features(view)
 
 
+def take_bad(batch: dict, bad: BadSamples | None) -> None:
+    """The bad samples a data-loader worker found (batch["bad_samples"], see
+    _Conversations.skip): the first raised when fatal, else counted in `bad`."""
+    for err, fatal in batch.pop("bad_samples", []):
+        if fatal:
+            raise err
+        if bad is not None:
+            bad.add(err)
+
+
 class Collator:
     """Pads to the longest sample in the batch (right padding: with a causal
     model, pads at the end never influence the real tokens). Images come as
@@ -303,7 +322,8 @@ class Collator:
         self.pad_id = pad_id
 
     def __call__(self, items: list[dict | None]) -> dict[str, torch.Tensor]:
-        items = [it for it in items if it is not None]
+        bad = [(it["bad"], it["fatal"]) for it in items if it is not None and "bad" in it]  # found in a worker
+        items = [it for it in items if it is not None and "bad" not in it]
         T = max((len(it["input_ids"]) for it in items), default=1)
         ids = torch.full((len(items), T), self.pad_id, dtype=torch.long)
         labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
@@ -320,4 +340,6 @@ class Collator:
         features = [it["vision_features"] for it in items if it.get("vision_features") is not None]
         if features:
             batch["vision_features"] = torch.cat(features)
+        if bad:
+            batch["bad_samples"] = bad
         return batch

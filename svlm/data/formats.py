@@ -40,6 +40,9 @@ class DataError(ValueError):
         super().__init__(f"{where}: {reason}: {detail}")
         self.where, self.reason, self.detail = where, reason, detail
 
+    def __reduce__(self):  # sent from data-loader workers and between processes
+        return DataError, (self.where, self.reason, self.detail)
+
 
 @dataclass
 class Record:
@@ -51,16 +54,31 @@ class Record:
 
 @dataclass
 class BadSamples:
-    """Counts of skipped samples by reason, with the first few examples of each."""
+    """Counts of skipped samples by reason, with the first few examples of each.
+    A sample counts once, however often it is drawn (by its file:line or file:row)."""
 
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    seen: dict[str, str] = field(default_factory=dict)  # where -> reason, of every sample counted
 
     def add(self, err: DataError, keep: int = 5) -> None:
+        if err.where in self.seen:
+            return
+        self.seen[err.where] = err.reason
         self.counts[err.reason] += 1
         ex = self.examples.setdefault(err.reason, [])
         if len(ex) < keep:
             ex.append(str(err))
+
+    def merge(self, other: BadSamples, keep: int = 5) -> None:
+        """Add another process's (or worker's) bad samples; one seen by both counts once."""
+        for where, reason in other.seen.items():
+            if where not in self.seen:
+                self.seen[where] = reason
+                self.counts[reason] += 1
+        for reason, found in other.examples.items():
+            ex = self.examples.setdefault(reason, [])
+            ex += [e for e in found if e not in ex][: max(0, keep - len(ex))]
 
     @property
     def total(self) -> int:

@@ -218,10 +218,7 @@ class StreamingChatDataset(IterableDataset, _Conversations):
                     self.truncated.append(example.where)
                 yield self.item(example)
             except DataError as e:
-                if self.on_error == "raise":
-                    raise
-                self.bad.add(e)
-                yield None  # drawn all the same: every micro-batch is `micro` rows of the stream
+                yield self.skip(e)  # drawn all the same: every micro-batch is `micro` rows of the stream
 
 
 class DeviceLoader:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from svlm.config import ConfigError, DataConfig, EvalConfig
 from svlm.data.chat import IGNORE, ChatEncoder
-from svlm.data.dataset import ChatDataset, Collator
+from svlm.data.dataset import ChatDataset, Collator, take_bad
 from svlm.data.formats import BadSamples, DataError
 from svlm.data.source import DataFile, data_root, load_splits, open_dataset, split_file
 from svlm.hardware import autocast_for, pick_device
@@ -46,7 +46,7 @@ def shard(ds, rank: int, world: int):
 
 
 @torch.no_grad()
-def validate(model: VLM, loader, autocast, max_batches: int | None = None) -> dict:
+def validate(model: VLM, loader, autocast, max_batches: int | None = None, bad: BadSamples | None = None) -> dict:
     """Mean loss over supervised tokens, perplexity, token accuracy, and the share
     of samples whose every answer token is predicted right (teacher-forced).
     With several processes each reads its shard (see `shard`) and the sums are
@@ -57,6 +57,7 @@ def validate(model: VLM, loader, autocast, max_batches: int | None = None) -> di
     loss_sum, tokens, correct, exact, samples = 0.0, 0, 0, 0, 0
     for batch in itertools.islice(loader, max_batches):  # not one batch more: its images may not be cached
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        take_bad(batch, bad)  # what a data-loader worker found
         with autocast():
             out = model(batch["input_ids"], batch["pixel_values"], batch["labels"],
                         vision_features=batch.get("vision_features"), target_index=batch.get("target_index"))  # fmt: skip
@@ -198,7 +199,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         train_ds, val_ds = load_splits(data_cfg, root, cfg.task, encoder, processor, max_len, bad, meta.get("seed", 0))
         val_ds = val_ds or train_ds
     loader = DataLoader(shard(val_ds, rank, world), batch_size=cfg.batch_size, collate_fn=Collator(encoder.pad_id))
-    val = validate(model, loader, lambda: autocast_for(cfg.hardware, device), None if cfg.steps < 0 else cfg.steps)
+    val = validate(model, loader, lambda: autocast_for(cfg.hardware, device), None if cfg.steps < 0 else cfg.steps, bad)
     results.update({"val_loss": val["val/loss"], "val_ppl": val["val/ppl"], "val_token_acc": val["val/token_acc"]})
 
     # Answer accuracy: the test file when there is one, else the validation samples.

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from svlm.config import ConfigError, StageConfig, TrainConfig
-from svlm.data.formats import check_bad_fraction
+from svlm.data.dataset import take_bad
+from svlm.data.formats import BadSamples, check_bad_fraction
 from svlm.data.source import data_root
 from svlm.evaluation.evaluate import validate
 from svlm.evaluation.samples import sample_grid
@@ -79,6 +80,7 @@ def batches(run: StageRun):
         run.loader.set_epoch(run.pos.epoch)
         for batch in run.loader:
             run.pos.batch += 1
+            take_bad(batch, run.bad)  # what a data-loader worker found
             yield batch
         run.pos.epoch += 1
         run.pos.batch = 0
@@ -149,7 +151,7 @@ def check_lazy_data(run: StageRun, step: int) -> None:
 def evaluate_now(run: StageRun, log: MetricsLog, bar, step: int) -> None:
     """Validation figures, logged; the sample grid drawn."""
     stage = run.stage
-    run.val = validate(run.model, run.val_loader, run.accelerator.autocast, stage.val_batches)
+    run.val = validate(run.model, run.val_loader, run.accelerator.autocast, stage.val_batches, run.bad)
     log.log({"step": step, **run.val})
     bar.write(f"[{stage.name}] step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in run.val.items()))
     sample_grid(run.raw, run.encoder, run.val_ds, stage.sample_grid, run.dir / "samples" / f"step-{step:07d}.png",
@@ -202,8 +204,12 @@ def finish(run: StageRun) -> Path:
     out_dir = run.dir / "model"
     weights = weights_to_save(run)
     truncated = [w for d in run.parts for w in d.truncated]  # lazily read data adds to it while training
+    bad = run.bad
+    if run.world > 1:  # each process met its own samples' problems: one report of them all
+        bad = BadSamples()
+        for part in gather_object([run.bad]):
+            bad.merge(part)
     if run.main:
-        bad = run.bad
         report = {"total": bad.total, "counts": dict(bad.counts), "examples": bad.examples,
                   "truncated": len(truncated), "truncated_examples": truncated[:5]}  # fmt: skip
         (run.dir / "bad_samples.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
