@@ -185,6 +185,7 @@ def test_training_with_the_cache(tmp_path, cache_dir, shapes_root, capsys, monke
     frozen = ["stage.train_vision=false", "stage.log_every=1"]
     plain = _losses(run("plain", *frozen, "data.feature_cache=false"))
     assert "feature cache" not in capsys.readouterr().out
+    shutil.rmtree(cache_dir / "features", ignore_errors=True)  # what earlier tests of the session cached
     with_cache = _losses(run("cached", *frozen, "data.feature_cache=true"))
     out = capsys.readouterr().out
     assert "training feature cache:" in out and "validation feature cache:" in out

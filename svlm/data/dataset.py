@@ -213,25 +213,29 @@ class LazyChatDataset(_Conversations):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def record(self, row: int) -> Record:
+        """The record of line `row` of the index (parsed, not encoded)."""
+        offset, lineno = self.index[row]
+        return self.reader.read(offset, lineno)
+
     def example(self, i: int) -> Example:
-        offset, lineno = self.index[self.rows[i]]
-        record = self.reader.read(offset, lineno)
+        record = self.record(int(self.rows[i]))
         example, cut = encode_record(record, self.encoder, self.image_dir, self.max_len, self.max_images)
         if cut and len(self.truncated) < 1000:
             self.truncated.append(example.where)
         return example
 
-    def image_files(self, indices: Iterable[int] | None = None) -> set[Path]:
-        """Read from the lines (no tokenizing); bad lines are reported when their sample is read."""
+    def image_files(self, indices: Iterable[int] | None = None) -> set:
+        """The images the records name (no tokenizing); bad records are reported when their sample is read."""
         rows = self.rows if indices is None else self.rows[np.asarray(sorted(indices), dtype=np.int64)]
-        files = set()
-        for offset, lineno in self.index[rows]:
+        found = set()
+        for row in rows:
             try:
-                record = self.reader.read(offset, lineno)
+                images = self.record(int(row)).images
             except DataError:
                 continue
-            files.update(self.image_dir / name for name in record.images)
-        return files
+            found.update(self.image_dir / im if isinstance(im, str) else im for im in images)
+        return found
 
     def split(self, fraction: float, seed: int) -> tuple[LazyChatDataset, LazyChatDataset]:
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).numpy()
@@ -252,23 +256,8 @@ class TableChatDataset(LazyChatDataset):
         if not len(self.rows):
             raise ValueError(f"no sample in {table.path}")
 
-    def example(self, i: int) -> Example:
-        example, cut = encode_record(
-            self.table.record(int(self.rows[i])), self.encoder, self.image_dir, self.max_len, self.max_images
-        )
-        if cut and len(self.truncated) < 1000:
-            self.truncated.append(example.where)
-        return example
-
-    def image_files(self, indices: Iterable[int] | None = None) -> set:
-        rows = self.rows if indices is None else self.rows[np.asarray(sorted(indices), dtype=np.int64)]
-        found = set()
-        for row in rows:
-            try:
-                found.update(self.table.record(int(row)).images)
-            except DataError:
-                continue
-        return found
+    def record(self, row: int) -> Record:
+        return self.table.record(row)
 
 
 class MixedDataset(ConcatDataset):
