@@ -311,6 +311,27 @@ class EvalConfig:
     max_new_tokens: int = 32
     max_test: int | None = None  # score at most this many questions
     max_answer_tokens: int = 16  # only answers this short are scored by exact match
+    benchmark: BenchmarkConfig | None = None  # a benchmark instead of the data's loss and accuracy
+
+
+@dataclass
+class BenchmarkConfig:
+    """eval.py benchmark=<task>: a benchmark of svlm/benchmarks/tasks.py on a local copy of its data set."""
+
+    name: str | None = None  # mmstar, pope, mme, scienceqa_img, ai2d
+    path: str | None = None  # the local copy (git clone) of the task's hub repository
+    limit: int | None = None  # the first N questions only (null: all)
+    max_new_tokens: int | None = None  # null: the task's (lmms-eval's generation_kwargs)
+
+    def __post_init__(self) -> None:
+        from svlm.benchmarks.tasks import TASKS
+
+        if self.name not in TASKS:
+            raise ConfigError(f"benchmark={self.name}: unknown task; the tasks: {', '.join(TASKS)}")
+        if self.path is None:
+            raise ConfigError(f"benchmark.path is required: {TASKS[self.name].layout}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"benchmark.limit must be at least 1 (or null: all), got {self.limit}")
 
 
 @dataclass

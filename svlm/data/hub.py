@@ -83,10 +83,7 @@ def source_files(path: Path, subset: str | None, split: str) -> list[Path]:
         raise ConfigError(f"data: {path}: {e}") from None
     data_files = builder.config.data_files or {}
     if split not in data_files:
-        raise ConfigError(
-            f"data: {path} (subset {subset}) has splits {sorted(map(str, data_files))}, not {split!r} "
-            "(data.splits, or the source's split)"
-        )
+        raise ConfigError(f"{path} (subset {subset}) has splits {sorted(map(str, data_files))}, not {split!r}")
     return [Path(f) for f in data_files[split]]
 
 
@@ -100,7 +97,7 @@ def open_parts(path: Path, subset: str | None, split: str) -> list[tuple[str, ob
         found = datasets.load_from_disk(str(path))
         if isinstance(found, datasets.DatasetDict):
             if split not in found:
-                raise ConfigError(f"data: {path} has splits {sorted(found)}, not {split!r} (data.splits)")
+                raise ConfigError(f"{path} has splits {sorted(found)}, not {split!r}")
             found = found[split]
         return [(str(path), found)]
     files = source_files(path, subset, split)
@@ -179,6 +176,16 @@ class Table:
         k, row = self.locate(ref.row)
         cell = self.parts[k][1].data.table.column(ref.column)[row]
         return cell_bytes((cell.values[ref.k] if is_list(cell) else cell).as_py(), self.image_dir, ref.name)
+
+
+class CellImages:
+    """Image cells already read (a streamed row group's, a benchmark row's), for EmbeddedImage."""
+
+    def __init__(self, cells: list, images: Path) -> None:
+        self.cells, self.images = cells, images
+
+    def image_bytes(self, ref: EmbeddedImage) -> bytes:
+        return cell_bytes(self.cells[ref.k], self.images, ref.name)
 
 
 def cell_bytes(value: object, image_dir: Path, name: str) -> bytes:

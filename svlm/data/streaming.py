@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from svlm.data.dataset import _Conversations, encode_record
 from svlm.data.formats import IMAGE_COLUMN, DataError, detect_format, parse_record
-from svlm.data.hub import cell_bytes, is_list, parquet_files
+from svlm.data.hub import CellImages, is_list, parquet_files
 from svlm.data.images import EmbeddedImage
 from svlm.errors import ConfigError
 
@@ -59,16 +59,6 @@ class Group:
     index: int
     first_row: int  # its first row's number in the shard
     rows: int
-
-
-class RowImages:
-    """The image cells of one row, in memory (they came with the row group)."""
-
-    def __init__(self, cells: list, images: Path) -> None:
-        self.cells, self.images = cells, images
-
-    def image_bytes(self, ref: EmbeddedImage) -> bytes:
-        return cell_bytes(self.cells[ref.k], self.images, ref.name)
 
 
 class StreamingChatDataset(IterableDataset, _Conversations):
@@ -191,7 +181,7 @@ class StreamingChatDataset(IterableDataset, _Conversations):
             cell = table.column(column)[row]
             cells = (cell.values.to_pylist() if cell.is_valid else []) if is_list(cell) else [cell.as_py()]
             cells = cells if is_list(cell) or cells[0] is not None else []  # an empty single-image cell: no image
-            holder = RowImages(cells, shard.images)
+            holder = CellImages(cells, shard.images)
             images = [EmbeddedImage(holder, row, column, k, f"{where}#{k}") for k in range(len(cells))]
         try:
             return parse_record(obj, where, shard.fmt, images)

@@ -16,6 +16,8 @@ import torch.distributed as dist
 from accelerate import PartialState
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from svlm.benchmarks.run import run_benchmark, table, write_results
+from svlm.benchmarks.tasks import TASKS
 from svlm.config import ConfigError, DataConfig, EvalConfig
 from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.dataset import ChatDataset, Collator, take_bad
@@ -161,6 +163,27 @@ def answer_accuracy(
     return acc, predictions
 
 
+def score_benchmark(cfg: EvalConfig, model, tokenizer, folder: Path, device, state) -> dict:
+    """eval.py benchmark=<task>: its metrics printed, results.json and predictions.jsonl written."""
+    bench = cfg.benchmark
+    task = TASKS[bench.name]
+    bad = BadSamples()
+    metrics, predictions = run_benchmark(
+        model, ChatEncoder.for_model(tokenizer, model), task, bench.path, bench.limit, bench.max_new_tokens,
+        cfg.batch_size, state.process_index, state.num_processes, lambda: autocast_for(cfg.hardware, device), bad,
+    )  # fmt: skip
+    if state.num_processes > 1:  # every process leaves the group together
+        state.wait_for_everyone()
+        dist.destroy_process_group()
+    if state.is_main_process:
+        write_results(Path(cfg.paths.run_dir), task, bench.path, metrics, predictions)
+        print(table(task, metrics, len(predictions)))
+        if bad.total:
+            print(bad.summary())
+        print(f"results: {Path(cfg.paths.run_dir) / 'results.json'}")
+    return {"model": str(folder), "benchmark": task.name, "questions": len(predictions), **metrics}
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Score a model; launched with several processes (accelerate launch, torchrun),
     the processes share the samples and gather the results."""
@@ -172,6 +195,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     model, tokenizer, meta = load_model(folder, device)
     if main:
         print(f"evaluating {folder} ({meta.get('stage')}, model {meta.get('model')}) on {world} process(es)")
+    if cfg.benchmark is not None:
+        return score_benchmark(cfg, model, tokenizer, folder, device, state)
     data_cfg = cfg.data
     if data_cfg is None:  # score on the data set the model was trained for
         if "data_config" not in meta:
