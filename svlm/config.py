@@ -171,8 +171,19 @@ class StageConfig:
     keep_last: int = 3  # checkpoints kept (0: all)
     max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient
     sample_grid: int = 8  # validation samples answered and drawn as a PNG at each validation (0: none)
+    # Benchmarks (svlm/benchmarks/) scored at each validation on their first benchmark_limit
+    # questions, read from paths.benchmarks/<repository name> (MMStar, POPE, ...).
+    benchmarks: list[str] = field(default_factory=list)
+    benchmark_limit: int = 200
 
     def __post_init__(self) -> None:
+        from svlm.benchmarks.tasks import TASKS
+
+        unknown = [b for b in self.benchmarks if b not in TASKS]
+        if unknown:
+            raise ConfigError(f"stage.benchmarks: unknown task {unknown[0]!r}; the tasks: {', '.join(TASKS)}")
+        if self.benchmark_limit < 1:
+            raise ConfigError(f"stage.benchmark_limit is a number of questions (>= 1), got {self.benchmark_limit}")
         if self.name not in ("stage1", "stage2"):
             raise ConfigError(f"stage.name must be stage1 or stage2, got {self.name!r}")
         positive = {"lr": self.lr, "batch_size": self.batch_size, "epochs": self.epochs}
@@ -202,8 +213,8 @@ class StageConfig:
 
 @dataclass
 class BothStagesConfig:
-    """stage=both: stage 1, then stage 2 from its result. lr, epochs,
-    steps_per_epoch, max_steps and sample_grid, when set here, apply to both stages."""
+    """stage=both: stage 1, then stage 2 from its result. lr, epochs, steps_per_epoch,
+    max_steps, sample_grid, benchmarks and benchmark_limit, when set here, apply to both stages."""
 
     name: str = "both"
     stage1: StageConfig = field(default_factory=StageConfig)
@@ -213,11 +224,14 @@ class BothStagesConfig:
     steps_per_epoch: int | None = None
     max_steps: int | None = None
     sample_grid: int | None = None
+    benchmarks: list[str] | None = None
+    benchmark_limit: int | None = None
 
     def stages(self) -> list[StageConfig]:
         out = []
+        shared = ("lr", "epochs", "steps_per_epoch", "max_steps", "sample_grid", "benchmarks", "benchmark_limit")
         for s in (self.stage1, self.stage2):
-            changes = {k: getattr(self, k) for k in ("lr", "epochs", "steps_per_epoch", "max_steps", "sample_grid")}
+            changes = {k: getattr(self, k) for k in shared}
             out.append(dataclasses.replace(s, **{k: v for k, v in changes.items() if v is not None}))
         return out
 
@@ -275,6 +289,7 @@ class PathsConfig:
     outputs: str = "outputs"  # every run folder lives under here
     cache: str = ".cache"  # generated data sets and tokenizers
     run_dir: str = "outputs/run"  # this run's folder (Hydra's output dir)
+    benchmarks: str | None = None  # the folder holding the benchmarks' clones (MMStar/, POPE/, ...): stage.benchmarks
 
 
 @dataclass

@@ -294,3 +294,21 @@ def test_prompts_and_metrics_equal_lmms_eval(clones):
     targets = [ut.ai2d_doc_to_target(d, "mcq") for d in docs]
     theirs = exact_match_hf_evaluate(filtered, targets, ignore_case=True, ignore_punctuation=True)["exact_match"]
     assert task.aggregate([task.score(d, r) for d, r in zip(docs, replies)])["exact_match"] == pytest.approx(theirs)
+
+
+def test_benchmarks_during_training(clones, make_train_cfg, tmp_path):
+    """stage.benchmarks at each validation: bench/<task>/<metric> in metrics.jsonl, drawn in the curves."""
+    from svlm.training.loop import train
+
+    root = next(iter(clones.values())).parent
+    cfg = make_train_cfg("stage.benchmarks=[pope,ai2d]", "stage.benchmark_limit=4", f"paths.benchmarks={root}",
+                         "stage.eval_every=1", stage="stage1", steps=2, run_dir=tmp_path / "run")  # fmt: skip
+    train(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    bench = [m for m in lines if "bench/pope/pope_accuracy" in m]
+    assert [m["step"] for m in bench] == [1, 2] and all("bench/ai2d/exact_match" in m for m in bench)
+    assert (tmp_path / "run" / "loss_curves.png").is_file()
+    with pytest.raises(ConfigError, match=r"stage.benchmarks=\['pope'\] needs paths.benchmarks=<folder>.*POPE"):
+        train(make_train_cfg("stage.benchmarks=[pope]", stage="stage1", steps=1, run_dir=tmp_path / "other"))
+    with pytest.raises(ConfigError, match="stage.benchmarks: unknown task 'nope'; the tasks: mmstar"):
+        make_train_cfg("stage.benchmarks=[nope]", stage="stage1")

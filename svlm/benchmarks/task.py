@@ -32,6 +32,12 @@ class Task:
     max_new_tokens: int = 1024  # lmms-eval's generation_kwargs (1024: its models' default)
     measures: str = ""  # one line, for the README's table
     id_column: str | None = None  # the question's id in the data set
+    headline: tuple[str, float] = ("exact_match", 1.0)  # the metric drawn in a run's curves, and its best value
+
+    @property
+    def folder(self) -> str:
+        """The folder `git clone` makes (what paths.benchmarks holds)."""
+        return self.repo.split("/")[1]
 
     @property
     def layout(self) -> str:

@@ -149,13 +149,13 @@ TASKS: dict[str, Task] = {
     for t in (
         MMStar("mmstar", "Lin-Chen/MMStar", "val", ("index", "question", "image", "answer", "category", "l2_category"),
                measures="18 perception and reasoning skills in 6 categories, 1,500 four-choice questions that need "
-               "the image", id_column="index"),
+               "the image", id_column="index", headline=("average", 1.0)),
         POPE("pope", "lmms-lab-encoder/POPE", "test", ("question_id", "question", "answer", "image"),
              max_new_tokens=128, measures="object hallucination: 9,000 yes/no questions on COCO objects",
-             id_column="question_id"),
+             id_column="question_id", headline=("pope_accuracy", 1.0)),
         MME("mme", "lmms-lab-encoder/MME", "test", ("question_id", "question", "answer", "image", "category"),
             max_new_tokens=16, measures="14 perception and cognition subtasks, a yes/no pair a picture",
-            id_column="question_id"),
+            id_column="question_id", headline=("mme_perception_score", 2000.0)),
         ScienceQA("scienceqa_img", "lmms-lab-encoder/ScienceQA", "test", ("question", "choices", "answer", "hint",
                   "image"), subset="ScienceQA-IMG", max_new_tokens=16,
                   measures="grade-school science questions with a picture, 2,017 multiple choice"),

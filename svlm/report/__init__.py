@@ -61,9 +61,29 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def draw_benchmarks(ax, runs_metrics: list[list[dict]]) -> None:
+    """Each run's benchmark headlines (bench/<task>/<metric>, stage.benchmarks) on a second
+    axis, as a share of the best score (dotted, one marker a task)."""
+    from svlm.benchmarks.tasks import TASKS
+
+    twin = None
+    for i, metrics in enumerate(runs_metrics):
+        for j, (name, task) in enumerate(TASKS.items()):
+            key, best = f"bench/{name}/{task.headline[0]}", task.headline[1]
+            points = [(m["step"], m[key] / best) for m in metrics if key in m]
+            if points:
+                twin = twin or ax.twinx()
+                twin.plot(*zip(*points), color=f"C{i % 10}", linestyle=":", marker="v^sDo"[j % 5], markersize=4,
+                          label=f"{name} {task.headline[0]}")  # fmt: skip
+    if twin is not None:
+        twin.set_ylim(0, 1)
+        twin.set_ylabel("benchmark score / best possible")
+        twin.legend(fontsize=7, loc="upper right")
+
+
 def draw_curves(runs: list[tuple[str, Path]], out: Path, title: str) -> Path:
     """Train (solid) and validation (dashed) loss of each (label, run folder), one
-    panel a stage, as a PNG."""
+    panel a stage, and any benchmark scores (dotted, second axis), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,6 +103,7 @@ def draw_curves(runs: list[tuple[str, Path]], out: Path, title: str) -> Path:
             if val:
                 ax.plot(*zip(*val), color=colour, linestyle="--", marker="o", markersize=3,
                         label=f"{label} validation" if label else "validation")  # fmt: skip
+        draw_benchmarks(ax, [read_metrics(run / stage / "metrics.jsonl") for _, run in runs])
         ax.set_title(stage)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (cross entropy on answer tokens)")

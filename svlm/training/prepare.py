@@ -23,6 +23,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
+from svlm.benchmarks.task import Questions
+from svlm.benchmarks.tasks import TASKS
 from svlm.config import ConfigError, StageConfig, TrainConfig
 from svlm.data.chat import ChatEncoder, chat_format_of
 from svlm.data.dataset import ChatDataset, Collator, MixedDataset
@@ -145,6 +147,7 @@ def prepare(cfg, stage, accelerator, init, root, stop, resume) -> StageRun:
     bad = BadSamples()
     max_len = min(cfg.data.max_len, model.cfg.lm.max_seq_len)
     check_tile_budget(encoder, max_len)
+    check_benchmarks(cfg, stage)
     train_ds, val_ds = load_splits(cfg.data, root, stage.task, encoder, processor, max_len, bad, cfg.seed)
     if not any(d.lazy for d in sources(train_ds)):  # every record was read: judge the data now
         check_bad_fraction(bad, len(train_ds) + (len(val_ds) if val_ds else 0), cfg.data.max_bad_fraction)
@@ -170,6 +173,19 @@ def prepare(cfg, stage, accelerator, init, root, stop, resume) -> StageRun:
         restore(run, state, resume)
     announce(run, max_len)
     return run
+
+
+def check_benchmarks(cfg: TrainConfig, stage: StageConfig) -> None:
+    """stage.benchmarks: each one's questions found under paths.benchmarks now, not at the first validation."""
+    if not stage.benchmarks:
+        return
+    if cfg.paths.benchmarks is None:
+        raise ConfigError(
+            f"stage.benchmarks={stage.benchmarks} needs paths.benchmarks=<folder> (or $SVLM_BENCHMARKS) holding "
+            f"their clones: {', '.join(TASKS[b].folder for b in stage.benchmarks)}"
+        )
+    for name in stage.benchmarks:
+        Questions(TASKS[name], Path(cfg.paths.benchmarks) / TASKS[name].folder)  # a ConfigError naming the problem
 
 
 def check_tile_budget(encoder: ChatEncoder, max_len: int) -> None:
