@@ -192,7 +192,7 @@ def lmms_eval_utils(task_folder: str):
     try:
         return importlib.import_module(f"lmms_eval.tasks.{task_folder}.utils")
     except ImportError as e:
-        pytest.skip(f"lmms-eval is not installed ({e}): see README 'Benchmarks' for its own venv")
+        pytest.skip(f"lmms-eval is not installed ({e}): see README, 'Benchmark scores'")
 
 
 def task_yaml(task_folder: str, yaml_name: str) -> dict:

@@ -466,7 +466,7 @@ def test_serve_config(tmp_path, cache_dir):
         ("serve.max_queue=-1", "serve.max_queue"),
         ("serve.system=shout", "serve.system"),
         ("port=70000", "port"),
-        ("serve.default_max_tokens=1000", "serve.default_max_tokens"),
+        ("serve.default_max_tokens=2000", "serve.default_max_tokens"),  # more than serve.max_tokens (1024)
         ("serve.max_body_bytes=big", "serve.max_body_bytes"),
     ]:
         with pytest.raises(ConfigError, match=key):

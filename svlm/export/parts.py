@@ -112,6 +112,9 @@ def processor(model: VLM, tokenizer, token_patch: int, strategy: str):
         template = with_our_content(tokenizer.chat_template, placement)
     tokenizer = copy.deepcopy(tokenizer)  # the caller's keeps its own
     tokenizer.chat_template = template
+    # Harnesses stop generating at the tokenizer's eos (lmms-eval's llava_hf passes it to generate):
+    # make it the end of a turn, where our generation stops.
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(ChatEncoder.for_model(tokenizer, model).end_id)
     return LlavaProcessor(
         image_processor=image_processor(model.cfg.vision),
         tokenizer=tokenizer,

@@ -17,7 +17,7 @@ class LimitsConfig:
     max_image_bytes: int = 10 * 2**20  # one image, after base64 decoding
     max_image_pixels: int = 4096 * 4096  # width x height of one image, read from its header before decoding
     max_images: int = 4  # images in one request
-    max_tokens: int = 512  # the most new tokens a request may ask for
+    max_tokens: int = 1024  # the most new tokens a request may ask for (lmms-eval asks 1024 by default)
     default_max_tokens: int = 128  # when a request does not say
     max_queue: int = 8  # requests waiting behind the running generation; one more gets 429
     system: Literal["prepend", "ignore", "reject"] = "prepend"  # what system messages do (README: Serve)
