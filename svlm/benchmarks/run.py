@@ -31,10 +31,9 @@ BLOCK = 256  # questions prepared (pictures decoded and preprocessed) at once
 
 def question_ids(encoder: ChatEncoder, processor: ImageProcessor, text: str, images: list):
     """(prompt ids, pixel views or None) of one question with its images after the text."""
-    views = [processor.views(im) for im in images]  # (V, 3, S, S), grid
+    pixels, grids = processor.all_views(images)
     question = "\n".join([text, *[IMAGE_TOKEN] * len(images)])
-    ids = encoder.prompt(question, image=len(images), grids=[g for _, g in views])
-    return ids, torch.cat([v for v, _ in views]) if views else None
+    return encoder.prompt(question, image=len(images), grids=grids), pixels
 
 
 @torch.no_grad()
@@ -61,8 +60,7 @@ def answer(model: VLM, encoder: ChatEncoder, prompts: list[tuple[list[int], torc
 def run_benchmark(
     model: VLM,
     encoder: ChatEncoder,
-    task: Task,
-    path: str | Path,
+    questions: Questions,
     limit: int | None = None,
     max_new_tokens: int | None = None,
     batch_size: int = 16,
@@ -73,7 +71,7 @@ def run_benchmark(
 ) -> tuple[dict[str, float], list[dict]]:
     """(metrics, predictions: one dict a question) over the first `limit` questions (None: all).
     Every process returns both; a question whose image does not decode is counted in `bad`."""
-    questions = Questions(task, path)
+    task = questions.task
     processor = ImageProcessor(model.cfg.vision)
     shard = list(range(len(questions) if limit is None else min(limit, len(questions))))[rank::world]
     budget = max_new_tokens or task.max_new_tokens

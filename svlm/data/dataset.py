@@ -145,7 +145,7 @@ class _Conversations(Dataset):
         if ex.images and self.features is not None:
             features = torch.stack([self.features.get(im, ex.where) for im in ex.images])  # (k, P, Dv) float16
         elif ex.images:  # (views, 3, S, S): one a picture, or each one's tiles and thumbnail
-            pixels = torch.cat([self.processor.views(open_image(im, ex.where))[0] for im in ex.images])
+            pixels, _ = self.processor.all_views([open_image(im, ex.where) for im in ex.images])
         item = {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
         if features is not None:
             item["vision_features"] = features

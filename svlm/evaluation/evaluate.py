@@ -17,6 +17,7 @@ from accelerate import PartialState
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from svlm.benchmarks.run import run_benchmark, table, write_results
+from svlm.benchmarks.task import Questions
 from svlm.benchmarks.tasks import TASKS
 from svlm.config import ConfigError, DataConfig, EvalConfig
 from svlm.data.chat import IGNORE, ChatEncoder
@@ -169,7 +170,7 @@ def score_benchmark(cfg: EvalConfig, model, tokenizer, folder: Path, device, sta
     task = TASKS[bench.name]
     bad = BadSamples()
     metrics, predictions = run_benchmark(
-        model, ChatEncoder.for_model(tokenizer, model), task, bench.path, bench.limit, bench.max_new_tokens,
+        model, ChatEncoder.for_model(tokenizer, model), Questions(task, bench.path), bench.limit, bench.max_new_tokens,
         cfg.batch_size, state.process_index, state.num_processes, lambda: autocast_for(cfg.hardware, device), bad,
     )  # fmt: skip
     if state.num_processes > 1:  # every process leaves the group together

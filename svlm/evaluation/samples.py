@@ -118,7 +118,7 @@ def _first_question(ds, index: int, encoder: ChatEncoder, processor: ImageProces
     end = ex.labels.index(encoder.end_id, start) if encoder.end_id in ex.labels[start:] else len(ex.labels)
     prompt = ex.input_ids[:start]
     text = ex.question
-    pixels = torch.cat([processor.views(im)[0] for im in images]) if images else None  # (views, 3, S, S)
+    pixels, _ = processor.all_views(images)  # (views, 3, S, S)
     display = ImageProcessor.to_rgb(images[0]) if images else None
     return _Prompt(text, prompt, ex.labels[start:end], display, pixels)
 

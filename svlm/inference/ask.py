@@ -32,9 +32,9 @@ def ask(cfg: InferConfig) -> str:
     if tags != len(files):
         raise ConfigError(f"prompt has {tags} <image> tag(s) for {len(files)} image(s): each tag takes one image")
     process = ImageProcessor(model.cfg.vision)
-    views = [process.views(open_image(file, where=f"image={file}")) for file in files]  # (V, 3, S, S), grid
-    pixel_values = torch.cat([v for v, _ in views]).to(device) if views else None  # every image's views
-    prompt = encoder.prompt(cfg.prompt, image=len(files), grids=[g for _, g in views])
+    pixel_values, grids = process.all_views([open_image(file, where=f"image={file}") for file in files])
+    pixel_values = pixel_values.to(device) if pixel_values is not None else None
+    prompt = encoder.prompt(cfg.prompt, image=len(files), grids=grids)
     input_ids = torch.tensor([prompt], device=device)
     streamer = TextStreamer(tokenizer, lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -174,6 +174,11 @@ class ImageProcessor:
         views, grid = self.tiling.views(self.to_rgb(image))
         return torch.stack([self(v) for v in views]), grid
 
+    def all_views(self, images: list[Image.Image]) -> tuple[torch.Tensor | None, list[tuple[int, int]]]:
+        """(every image's views, in order, (V_total, 3, S, S), or None without images; their grids)."""
+        views = [self.views(im) for im in images]
+        return (torch.cat([v for v, _ in views]) if views else None), [g for _, g in views]
+
 
 class VisionEncoder(nn.Module):
     """pixel_values (B, 3, S, S) -> patch features (B, P, Dv), P = (S/patch)^2 (+1 with CLS)."""

@@ -110,8 +110,8 @@ class Engine:
     def prepare(self, body: object) -> Prompt:
         """A decoded JSON body -> a Prompt; APIError for a bad request."""
         request = parse_chat_request(body, self.limits, self.image_root)
-        views = [self.processor.views(im) for im in request.images]  # each image's (V, 3, S, S) and tile grid
-        ids, _ = self.encoder.encode(request.turns, add_generation_prompt=True, grids=[g for _, g in views])
+        pixel_values, grids = self.processor.all_views(request.images)  # every image's views, and tile grids
+        ids, _ = self.encoder.encode(request.turns, add_generation_prompt=True, grids=grids)
         context = self.model.cfg.lm.max_seq_len
         if len(ids) >= context:
             raise APIError(
@@ -120,7 +120,6 @@ class Engine:
                 param="messages",
                 code="context_length_exceeded",
             )
-        pixel_values = torch.cat([v for v, _ in views]) if views else None
         return Prompt(request, torch.tensor([ids]), pixel_values)
 
     @property

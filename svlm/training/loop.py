@@ -30,7 +30,6 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from svlm.benchmarks.run import run_benchmark
-from svlm.benchmarks.tasks import TASKS
 from svlm.config import ConfigError, StageConfig, TrainConfig
 from svlm.data.dataset import take_bad
 from svlm.data.formats import BadSamples, check_bad_fraction
@@ -159,13 +158,11 @@ def evaluate_now(run: StageRun, log: MetricsLog, bar, step: int) -> None:
     sample_grid(run.raw, run.encoder, run.val_ds, stage.sample_grid, run.dir / "samples" / f"step-{step:07d}.png",
                 f"{stage.name} step {step}", step=step, autocast=run.accelerator.autocast, main=run.main,
                 sharded=run.sharded, wandb_run=log.wandb)  # fmt: skip
-    if stage.benchmarks and not run.sharded:  # a sharded model (FSDP, DeepSpeed) generates nowhere whole
+    if run.benchmarks and not run.sharded:  # a sharded model (FSDP, DeepSpeed) generates nowhere whole
         figures = {}
-        for name in stage.benchmarks:
-            task = TASKS[name]
-            metrics, _ = run_benchmark(run.raw, run.encoder, task, Path(run.cfg.paths.benchmarks) / task.folder,
-                                       stage.benchmark_limit, None, run.micro, run.accelerator.process_index,
-                                       run.world, run.accelerator.autocast)  # fmt: skip
+        for name, questions in run.benchmarks.items():
+            metrics, _ = run_benchmark(run.raw, run.encoder, questions, stage.benchmark_limit, None, run.micro,
+                                       run.accelerator.process_index, run.world, run.accelerator.autocast)  # fmt: skip
             figures.update({f"bench/{name}/{k}": v for k, v in metrics.items()})
         log.log({"step": step, **figures})
         bar.write(f"[{stage.name}] step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in figures.items()))

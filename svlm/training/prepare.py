@@ -109,6 +109,7 @@ class StageRun:
     pos: Position = field(default_factory=Position)
     val: dict = field(default_factory=dict)  # the latest validation figures
     started: float = field(default_factory=time.time)
+    benchmarks: dict = field(default_factory=dict)  # stage.benchmarks: name -> Questions, opened once
 
     @property
     def main(self) -> bool:
@@ -147,7 +148,7 @@ def prepare(cfg, stage, accelerator, init, root, stop, resume) -> StageRun:
     bad = BadSamples()
     max_len = min(cfg.data.max_len, model.cfg.lm.max_seq_len)
     check_tile_budget(encoder, max_len)
-    check_benchmarks(cfg, stage)
+    benchmarks = open_benchmarks(cfg, stage)
     train_ds, val_ds = load_splits(cfg.data, root, stage.task, encoder, processor, max_len, bad, cfg.seed)
     if not any(d.lazy for d in sources(train_ds)):  # every record was read: judge the data now
         check_bad_fraction(bad, len(train_ds) + (len(val_ds) if val_ds else 0), cfg.data.max_bad_fraction)
@@ -171,21 +172,25 @@ def prepare(cfg, stage, accelerator, init, root, stop, resume) -> StageRun:
                    total)  # fmt: skip
     if state is not None:
         restore(run, state, resume)
+    run.benchmarks = benchmarks
     announce(run, max_len)
     return run
 
 
-def check_benchmarks(cfg: TrainConfig, stage: StageConfig) -> None:
-    """stage.benchmarks: each one's questions found under paths.benchmarks now, not at the first validation."""
+def open_benchmarks(cfg: TrainConfig, stage: StageConfig) -> dict[str, Questions]:
+    """stage.benchmarks: each one's questions, opened from paths.benchmarks now (a missing clone
+    stops the run before its first step) and read at every validation."""
     if not stage.benchmarks:
-        return
+        return {}
     if cfg.paths.benchmarks is None:
         raise ConfigError(
             f"stage.benchmarks={stage.benchmarks} needs paths.benchmarks=<folder> (or $SVLM_BENCHMARKS) holding "
             f"their clones: {', '.join(TASKS[b].folder for b in stage.benchmarks)}"
         )
-    for name in stage.benchmarks:
-        Questions(TASKS[name], Path(cfg.paths.benchmarks) / TASKS[name].folder)  # a ConfigError naming the problem
+    return {
+        name: Questions(TASKS[name], Path(cfg.paths.benchmarks) / TASKS[name].folder)  # a ConfigError if wrong
+        for name in stage.benchmarks
+    }
 
 
 def check_tile_budget(encoder: ChatEncoder, max_len: int) -> None:
