@@ -21,7 +21,8 @@ one table and writes the figures as JSON to outputs/bench/<time>/bench.json:
 - the share of padding tokens in batches of the configured data;
 - peak memory (process RSS on the CPU, torch.cuda.max_memory_allocated over
   the training steps on a GPU) beside the planner's estimate (svlm/memory/);
-- generation tokens/s with and without the KV cache;
+- batch-1 generation tokens/s with and without the KV cache (the weights laid
+  out for decoding, as the inference commands have them);
 - with bench.profile=true, where a step's time goes (forward, backward,
   optimizer, and the costliest operators: profile.txt and trace.json).
 
@@ -188,9 +189,13 @@ def profile_steps(steps: Stepper, micro_batches: list[dict], device, folder: Pat
 
 @torch.no_grad()
 def generation_speed(model: VLM, device, new_tokens: int) -> dict:
-    from svlm.inference.generation import generate
+    """Batch-1 tokens/s with and without the KV cache, the weights laid out as
+    the inference commands lay them (decoding_layout: after the training
+    figures, which it would change)."""
+    from svlm.inference.generation import decoding_layout, generate
 
     model.eval()
+    decoding_layout(model)
     batch = synthetic_batch(model, 1, 8, device)
     prompt = batch["input_ids"][:, : model.num_image_tokens + 8]
     room = model.cfg.lm.max_seq_len - prompt.shape[1]

@@ -39,22 +39,14 @@ def question_ids(encoder: ChatEncoder, processor: ImageProcessor, text: str, ima
 @torch.no_grad()
 def answer(model: VLM, encoder: ChatEncoder, prompts: list[tuple[list[int], torch.Tensor | None]],
            max_new_tokens: int, batch_size: int) -> list[str]:  # fmt: skip
-    """Greedy replies; prompts of one length with as many views form a batch (no padding, so
+    """Greedy replies, `batch_size` prompts of any lengths decoding together (a ragged batch:
     batching changes no answer)."""
     device = next(model.parameters()).device
-    groups: dict[tuple[int, int], list[int]] = {}
-    for k, (ids, pixels) in enumerate(prompts):
-        groups.setdefault((len(ids), 0 if pixels is None else len(pixels)), []).append(k)
-    replies: dict[int, str] = {}
-    for members in groups.values():
-        for start in range(0, len(members), batch_size):
-            chunk = members[start : start + batch_size]
-            ids = torch.tensor([prompts[k][0] for k in chunk], device=device)
-            has = prompts[chunk[0]][1] is not None
-            pixels = torch.cat([prompts[k][1] for k in chunk]).to(device) if has else None
-            for k, out in zip(chunk, generate(model, ids, pixels, encoder.stop_ids, max_new_tokens)):
-                replies[k] = encoder.tok.decode(out, skip_special_tokens=True)
-    return [replies[k] for k in range(len(prompts))]
+    views = [pixels for _, pixels in prompts if pixels is not None]
+    pixel_values = torch.cat(views).to(device) if views else None
+    outs = generate(model, [ids for ids, _ in prompts], pixel_values, encoder.stop_ids, max_new_tokens,
+                    batch_size=batch_size)  # fmt: skip
+    return [encoder.tok.decode(out, skip_special_tokens=True) for out in outs]
 
 
 def run_benchmark(

@@ -25,7 +25,7 @@ from svlm.data.dataset import ChatDataset, Collator, take_bad
 from svlm.data.formats import BadSamples, DataError
 from svlm.data.source import DataFile, data_root, load_splits, open_dataset, split_file
 from svlm.hardware import autocast_for, pick_device
-from svlm.inference.generation import generate
+from svlm.inference.generation import generate, prepare_for_decoding
 from svlm.model_folder import load_model, resolve_model
 from svlm.models.vision import ImageProcessor
 from svlm.models.vlm import VLM
@@ -90,6 +90,9 @@ def normalize(text: str) -> str:
     return re.sub(r"[\s.。!！?？,，]+$", "", text.strip().lower())
 
 
+BLOCK = 256  # prompts whose pictures are loaded at once
+
+
 @torch.no_grad()
 def answer_accuracy(
     model: VLM,
@@ -122,23 +125,17 @@ def answer_accuracy(
             continue
         items.append({"index": index, "ids": ex.input_ids[:start], "reference": tokenizer.decode(ex.labels[start:end])})
     items = items[rank::world]  # each process answers its share
-    # Prompts of the same length form a batch: no padding, so batching changes nothing.
-    by_len = defaultdict(list)
-    for it in items:
-        by_len[len(it["ids"])].append(it)
-    for group in by_len.values():
-        for first in range(0, len(group), batch_size):
-            chunk = group[first : first + batch_size]
-            fetched = [ds[it["index"]] for it in chunk]
-            chunk = [it for it, f in zip(chunk, fetched) if f is not None]  # an unreadable image: skipped
-            if not chunk:
-                continue
-            pixels = [f["pixel_values"] for f in fetched if f is not None and f["pixel_values"] is not None]
-            input_ids = torch.tensor([it["ids"] for it in chunk], device=device)
-            pixel_values = torch.cat(pixels).to(device) if pixels else None  # each sample's (k, 3, S, S), in order
-            outs = generate(model, input_ids, pixel_values, encoder.stop_ids, max_new_tokens)
-            for it, out in zip(chunk, outs):
-                it["answer"] = tokenizer.decode(out, skip_special_tokens=True)
+    # Prompts of any lengths decode together (a ragged batch: each row's tokens are those it gets
+    # alone), a block at a time so that only a block's pictures are in memory.
+    for first in range(0, len(items), BLOCK):
+        fetched = [(it, ds[it["index"]]) for it in items[first : first + BLOCK]]
+        fetched = [(it, f) for it, f in fetched if f is not None]  # an unreadable image: skipped
+        views = [f["pixel_values"] for _, f in fetched if f["pixel_values"] is not None]
+        pixel_values = torch.cat(views).to(device) if views else None  # each sample's (k, 3, S, S), in order
+        outs = generate(model, [it["ids"] for it, _ in fetched], pixel_values, encoder.stop_ids, max_new_tokens,
+                        batch_size=batch_size)  # fmt: skip
+        for (it, _), out in zip(fetched, outs):
+            it["answer"] = tokenizer.decode(out, skip_special_tokens=True)
     predictions = []
     for it in items:
         if "answer" not in it:
@@ -169,6 +166,7 @@ def score_benchmark(cfg: EvalConfig, model, tokenizer, folder: Path, device, sta
     bench = cfg.benchmark
     task = TASKS[bench.name]
     bad = BadSamples()
+    prepare_for_decoding(model, cfg.hardware.compile)
     metrics, predictions = run_benchmark(
         model, ChatEncoder.for_model(tokenizer, model), Questions(task, bench.path), bench.limit, bench.max_new_tokens,
         cfg.batch_size, state.process_index, state.num_processes, lambda: autocast_for(cfg.hardware, device), bad,
@@ -231,6 +229,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     # Answer accuracy: the test file when there is one, else the validation samples.
     test_file = split_file(data_cfg, root, "test", cfg.task)
     scored = read(test_file) if test_file else val_ds
+    prepare_for_decoding(model, cfg.hardware.compile)  # after the loss: its batched matmuls keep the training layout
     with autocast_for(cfg.hardware, device):
         acc, predictions = answer_accuracy(
             model,

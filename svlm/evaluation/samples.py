@@ -28,7 +28,6 @@ import re
 import shutil
 import subprocess
 import warnings
-from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -136,21 +135,13 @@ def answer_samples(
     processor = ImageProcessor(model.cfg.vision)
     prompts = [p for p in (_first_question(ds, i, encoder, processor) for i in indices) if p is not None]
     device = next(model.parameters()).device
-    answers: dict[int, list[int]] = {}
-    # Prompts of the same length (and with as many pictures) form a batch: no padding.
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for k, p in enumerate(prompts):
-        groups[(len(p.prompt), 0 if p.pixels is None else len(p.pixels))].append(k)
+    views = [p.pixels for p in prompts if p.pixels is not None]
+    budgets = [len(p.reference) + MARGIN_TOKENS for p in prompts]
     was_training = model.training
-    with torch.random.fork_rng(devices=[]):
-        for members in groups.values():
-            input_ids = torch.tensor([prompts[k].prompt for k in members], device=device)
-            has_pixels = prompts[members[0]].pixels is not None
-            pixels = torch.cat([prompts[k].pixels for k in members]).to(device) if has_pixels else None
-            budget = max(len(prompts[k].reference) for k in members) + MARGIN_TOKENS
-            with autocast():
-                outs = generate(model, input_ids, pixels, encoder.stop_ids, budget)
-            answers.update(zip(members, outs))
+    with torch.random.fork_rng(devices=[]), autocast():  # every prompt together: a ragged batch
+        outs = generate(model, [p.prompt for p in prompts], torch.cat(views).to(device) if views else None,
+                        encoder.stop_ids, budgets)  # fmt: skip
+    answers = dict(enumerate(outs))
     model.train(was_training)
     decode = encoder.tok.decode
     return [

@@ -13,7 +13,7 @@ from svlm.data.chat import IMAGE_TOKEN, ChatEncoder
 from svlm.data.images import open_image
 from svlm.errors import ConfigError
 from svlm.hardware import autocast_for, pick_device
-from svlm.inference.generation import TextStreamer, generate
+from svlm.inference.generation import TextStreamer, generate, prepare_for_decoding
 from svlm.model_folder import load_model, resolve_model
 from svlm.models.vision import ImageProcessor
 
@@ -27,6 +27,7 @@ def ask(cfg: InferConfig) -> str:
     folder = resolve_model(cfg.ckpt, cfg.paths.outputs)
     device = pick_device(cfg.hardware)
     model, tokenizer, _ = load_model(folder, device)
+    prepare_for_decoding(model, cfg.hardware.compile)
     encoder = ChatEncoder.for_model(tokenizer, model)
     tags = cfg.prompt.count(IMAGE_TOKEN) or len(files)  # without tags, each image gets one before the text
     if tags != len(files):

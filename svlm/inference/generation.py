@@ -1,15 +1,35 @@
 """Text generation with the KV cache: greedy by default, or sampling with
 temperature, top-k and top-p. Stops at the end-of-turn token (and at any other
-stop id the model has: a pretrained LM's end-of-text)."""
+stop id the model has: a pretrained LM's end-of-text).
+
+Prompts of different lengths decode together (a ragged batch): each row keeps
+its own positions in the KV cache and sees only its own keys, so a row's
+tokens are the ones it would get alone. `Batch` is the loop underneath:
+streams join (one batched prefill) and leave (finished or cancelled) between
+decode steps; `generate` drives it over a list of prompts, `batch_size` rows
+at a time, and the server (svlm/serve/engine.py) drives it with requests as
+they arrive.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from svlm.models.language_model import KVCache
 from svlm.models.vlm import VLM
+
+
+@dataclass
+class Sampling:
+    """How one row picks its tokens: greedy at temperature 0."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None  # sampling rows: their own generator; None: the one generate was given
 
 
 def pick_next(
@@ -36,49 +56,209 @@ def pick_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def prepare_for_decoding(model: VLM, compile: bool = False) -> VLM:
+    """What the inference commands (infer.py, eval.py's answers, benchmarks,
+    the server) do to a loaded model: the decoding layout, and with
+    hardware.compile each transformer block compiled (the decode step's many
+    small operations fused; about 10% more tokens/s at bench.size=tiny on
+    this CPU, after a compilation of about 40 s)."""
+    decoding_layout(model)
+    if compile:
+        model.compile_blocks()
+    return model
+
+
+@torch.no_grad()
+def decoding_layout(model: VLM) -> VLM:
+    """On the CPU, store the language model's weight matrices column-major:
+    the same shapes and values, transposed strides. A decode step of a small
+    batch is a matrix-vector product per weight, and MKL's runs about 1.6x
+    faster on weights stored so (x @ W.T reads W.T row by row);
+    benchmarks/decode_speed.py measures the whole step. For inference
+    (eval.py, infer.py, the server); a model being trained keeps its layout."""
+    for p in model.lm.parameters():
+        if p.dim() == 2 and p.device.type == "cpu" and p.is_contiguous():
+            p.data = p.data.t().contiguous().t()
+    return model
+
+
+@dataclass(eq=False)  # compared (and hashed) by identity
+class Stream:
+    """One prompt being continued: its ids, views, budget, stops and sampling;
+    `ids` grows as it decodes, `finish` is set when it ends."""
+
+    prompt: list[int]
+    pixel_values: torch.Tensor | None  # (views, 3, S, S) of its images, or None
+    max_new_tokens: int
+    stop_ids: frozenset[int]
+    sampling: Sampling = field(default_factory=Sampling)
+    generator: torch.Generator | None = None
+    on_token: Callable[[Stream], None] | None = None  # after each new token (streaming)
+    ids: list[int] = field(default_factory=list)
+    finish: str | None = None  # "stop" (a stop id), "length" (budget or context), "cancelled"
+
+    def take(self, token: int) -> None:
+        """Record the token just picked; finished at a stop id or the budget."""
+        if token in self.stop_ids:
+            self.finish = "stop"
+            return
+        self.ids.append(token)
+        if len(self.ids) >= self.max_new_tokens:
+            self.finish = "length"
+        if self.on_token is not None:
+            self.on_token(self)
+
+
+def choose(logits: torch.Tensor, streams: Sequence[Stream]) -> list[int]:
+    """(B, V) logits -> each row's next id, each by its own sampling: one
+    argmax for the greedy rows, one draw per sampling row from its generator."""
+    picked = logits.argmax(dim=-1)  # (B,)
+    for b, s in enumerate(streams):
+        if s.sampling.temperature > 0:
+            picked[b] = pick_next(logits[b : b + 1], s.sampling.temperature, s.sampling.top_k, s.sampling.top_p,
+                                  s.generator)[0]  # fmt: skip
+    return picked.tolist()  # the step's one read from the device
+
+
+class Batch:
+    """Streams decoded together, one KV-cache row each (row i is streams[i])."""
+
+    def __init__(self, model: VLM) -> None:
+        self.model, self.cache, self.streams = model, KVCache(), []
+        self.device = next(model.parameters()).device
+        self.pad = 0 if model.cfg.image_token_id != 0 else 1
+
+    def __len__(self) -> int:
+        return len(self.streams)
+
+    def add(self, streams: Sequence[Stream]) -> list[Stream]:
+        """Prefill `streams` together (right-padded to the longest), pick their
+        first tokens and join them to the batch; returns those already done."""
+        context = self.model.cfg.lm.max_seq_len
+        for s in streams:
+            if len(s.prompt) > context:
+                raise ValueError(f"a prompt of {len(s.prompt)} tokens is longer than model.lm.max_seq_len={context}")
+            s.max_new_tokens = min(s.max_new_tokens, context - len(s.prompt))
+            if s.max_new_tokens < 1:
+                s.finish = "length"
+        streams = [s for s in streams if s.finish is None]
+        if not streams:
+            return []
+        lengths = [len(s.prompt) for s in streams]
+        T = max(lengths)
+        ids = torch.tensor([s.prompt + [self.pad] * (T - len(s.prompt)) for s in streams], device=self.device)
+        views = [s.pixel_values for s in streams if s.pixel_values is not None]
+        pixels = torch.cat(views).to(self.device) if views else None  # every row's views, in row order
+        cache = KVCache()
+        last = torch.tensor(lengths, device=self.device) - 1  # each row's last prompt token
+        logits = self.model(ids, pixels, cache=cache, valid=lengths, logits_at=last).logits  # (B, V)
+        for s, token in zip(streams, choose(logits, streams)):
+            s.take(token)
+        self.cache.absorb(cache)
+        self.streams += streams
+        return self._retire()
+
+    def step(self) -> list[Stream]:
+        """One new token for every stream; returns (and removes) those that finished."""
+        last = torch.tensor([[s.ids[-1]] for s in self.streams], device=self.device)  # (B, 1)
+        logits = self.model.lm(last, cache=self.cache).logits[:, -1]  # (B, V): no image slots to fill
+        for s, token in zip(self.streams, choose(logits, self.streams)):
+            s.take(token)
+        return self._retire()
+
+    def cancel(self, stream: Stream) -> None:
+        stream.finish = "cancelled"
+        self._retire()
+
+    def _retire(self) -> list[Stream]:
+        done = []
+        for row in reversed(range(len(self.streams))):
+            if self.streams[row].finish is not None:
+                done.append(self.streams[row])
+                self.cache.drop(row)  # the last row moves into its place
+                self.streams[row] = self.streams[-1]
+                self.streams.pop()
+        return done
+
+
+def split_views(model: VLM, prompts: Sequence[Sequence[int]], pixel_values: torch.Tensor | None) -> list:
+    """Each prompt's share of pixel_values (all rows' views in row order), by its image slots."""
+    if pixel_values is None:
+        return [None] * len(prompts)
+    counts = [sum(t == model.cfg.image_token_id for t in p) // model.num_image_tokens for p in prompts]
+    if sum(counts) != pixel_values.shape[0]:
+        raise ValueError(f"the prompts have image slots for {sum(counts)} views; {pixel_values.shape[0]} were given")
+    parts, start = [], 0
+    for n in counts:
+        parts.append(pixel_values[start : start + n] if n else None)
+        start += n
+    return parts
+
+
 @torch.no_grad()
 def generate(
     model: VLM,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | Sequence[Sequence[int]],
     pixel_values: torch.Tensor | None,
     stop_ids: int | Sequence[int],
-    max_new_tokens: int = 64,
+    max_new_tokens: int | Sequence[int] = 64,
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
     use_cache: bool = True,
     on_token: Callable[[list[int]], None] | None = None,
     generator: torch.Generator | None = None,
+    batch_size: int | None = None,
+    sampling: Sequence[Sampling] | None = None,
 ) -> list[list[int]]:
-    """Continue each prompt of `input_ids` (B, T): prompts of one batch have the
-    same length (no padding). Returns the new ids of each row, up to and
-    excluding the first stop token (one of `stop_ids`). `on_token` sees row 0's ids so far (streaming)."""
+    """Continue each prompt: `input_ids` (B, T), or B lists of any lengths;
+    `pixel_values` every row's views in row order. Returns the new ids of each
+    row, up to and excluding the first stop token (one of `stop_ids`), of at
+    most `max_new_tokens` (one for all rows, or one a row). At most
+    `batch_size` rows decode together (None: all); as one finishes the next
+    prompt takes its place. `sampling` gives each row its own (else all rows
+    share temperature, top_k, top_p and `generator`). `on_token` sees row 0's
+    ids so far (streaming)."""
     model.eval()
-    B = input_ids.shape[0]
-    room = model.cfg.lm.max_seq_len - input_ids.shape[1]
-    max_new_tokens = min(max_new_tokens, room)
-    cache = KVCache() if use_cache else None
-    out = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    stops = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), device=input_ids.device)
-    seq = input_ids
-    logits = model(input_ids, pixel_values, cache=cache).logits[:, -1]  # (B, V)
-    for _ in range(max_new_tokens):
-        nxt = pick_next(logits, temperature, top_k, top_p, generator)  # (B,)
-        done |= torch.isin(nxt, stops)
-        for b in range(B):
-            if not done[b]:
-                out[b].append(int(nxt[b]))
-        if on_token is not None and not done[0]:
-            on_token(out[0])
-        if bool(done.all()):
-            break
-        if use_cache:
-            logits = model(nxt[:, None], cache=cache).logits[:, -1]
-        else:
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-            logits = model(seq, pixel_values).logits[:, -1]
-    return out
+    prompts = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else [list(p) for p in input_ids]
+    stops = frozenset([stop_ids] if isinstance(stop_ids, int) else stop_ids)
+    shared = Sampling(temperature, top_k, top_p)
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    streams = [
+        Stream(p, views, budgets[i], stops, sampling[i] if sampling else shared, generator)
+        for i, (p, views) in enumerate(zip(prompts, split_views(model, prompts, pixel_values)))
+    ]
+    for s in streams:
+        if s.sampling.seed is not None:
+            s.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(s.sampling.seed)
+    if on_token is not None and streams:
+        streams[0].on_token = lambda s: on_token(s.ids)
+    if not use_cache:
+        for s in streams:
+            decode_without_cache(model, s)
+        return [s.ids for s in streams]
+    # Shortest prompts first: a prefill pads its prompts to the longest, so
+    # neighbours in length join together. Rows join once half the batch is
+    # free (or nothing else runs): prefills stay batched.
+    batch, waiting = Batch(model), sorted(streams, key=lambda s: len(s.prompt))
+    size = batch_size or len(streams)
+    while waiting or len(batch):
+        free = size - len(batch)
+        if waiting and (free >= max(size // 2, 1) or not len(batch)):
+            joining, waiting = waiting[:free], waiting[free:]
+            batch.add(joining)
+        if len(batch):
+            batch.step()
+    return [s.ids for s in streams]
+
+
+def decode_without_cache(model: VLM, s: Stream) -> None:
+    """The reference path: every step runs the whole sequence again."""
+    s.max_new_tokens = min(s.max_new_tokens, model.cfg.lm.max_seq_len - len(s.prompt))
+    pixels = None if s.pixel_values is None else s.pixel_values.to(next(model.parameters()).device)
+    while s.finish is None:
+        seq = torch.tensor([s.prompt + s.ids], device=next(model.parameters()).device)
+        s.take(choose(model(seq, pixels).logits[:, -1], [s])[0])
 
 
 class TextStreamer:

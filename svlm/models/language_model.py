@@ -127,24 +127,124 @@ def make_norm(cfg: LMConfig, dim: int | None = None) -> nn.Module:
 
 
 class KVCache:
-    """Keys and values of every layer seen so far, for incremental decoding."""
+    """Keys and values of every layer seen so far, for incremental decoding.
 
-    def __init__(self) -> None:
-        self.keys: list[torch.Tensor] = []
+    Preallocated: each layer holds (rows, n_kv, capacity, hs), grown by
+    `chunk` positions at a time, so a new token is written in place instead
+    of copying the cache. Row r holds its first `lengths[r]` positions; rows
+    may hold different lengths (a ragged batch: each row's queries sit at
+    their own positions and see only their own keys). `absorb` appends rows
+    prefilled in another cache, `drop` retires one: a continuously batching
+    server (svlm/serve/engine.py) grows and shrinks its batch that way.
+    """
+
+    def __init__(self, chunk: int = 256) -> None:
+        self.keys: list[torch.Tensor] = []  # per layer (rows, nkv, capacity, hs)
         self.values: list[torch.Tensor] = []
+        self.lengths: list[int] = []  # per row, kept on the host: no device read to plan a step
+        self.chunk = chunk
+        self.capacity = 0
+        self.plan: StepPlan | None = None  # the forward in progress
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[2] if self.keys else 0
+        """The longest row."""
+        return max(self.lengths, default=0)
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def begin(self, B: int, T: int, device: torch.device, valid: list[int] | None = None) -> StepPlan:
+        """Plan a forward of T new tokens in each of the B rows; row r's tokens
+        after its first valid[r] are padding (written, then overwritten later)."""
+        if not self.lengths:
+            self.lengths = [0] * B
+        if B != self.rows:
+            raise ValueError(f"the cache holds {self.rows} rows; this input has {B}")
+        self._reserve(self.length + T)
+        self.plan = StepPlan.make(self.lengths, T, device)
+        added = [T] * B if valid is None else valid
+        self.lengths = [n + a for n, a in zip(self.lengths, added)]
+        return self.plan
+
+    def _reserve(self, need: int) -> None:
+        if need <= self.capacity:
+            return
+        grown = self.chunk * math.ceil(need / self.chunk)
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                extra = t.new_zeros(t.shape[0], t.shape[1], grown - t.shape[2], t.shape[3])
+                store[i] = torch.cat([t, extra], dim=2)  # (rows, nkv, grown, hs): once a chunk, not once a token
+        self.capacity = grown
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer == len(self.keys):  # first call for this layer
-            self.keys.append(k)
-            self.values.append(v)
-        else:
-            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
-            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
-        return self.keys[layer], self.values[layer]
+        """Write this forward's (B, nkv, T, hs) keys and values; return every
+        key and value the queries may see, (B, nkv, limit, hs)."""
+        if layer == len(self.keys):  # first call for this layer: allocate
+            B, nkv, _, hs = k.shape
+            self.keys.append(k.new_zeros(B, nkv, self.capacity, hs))
+            self.values.append(v.new_zeros(B, nkv, self.capacity, hs))
+        plan = self.plan
+        for store, new in ((self.keys[layer], k), (self.values[layer], v)):
+            if plan.start is not None:  # every row at the same place: a slice
+                store[:, :, plan.start : plan.start + new.shape[2]] = new
+            else:  # (B, T) positions, one per row and token
+                index = plan.positions[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3])
+                store.scatter_(2, index, new)
+        return self.keys[layer][:, :, : plan.limit], self.values[layer][:, :, : plan.limit]
+
+    def absorb(self, other: KVCache) -> None:
+        """Append the rows of `other` (prefilled apart) after this cache's rows."""
+        if not self.lengths:
+            self.keys, self.values, self.lengths = other.keys, other.values, list(other.lengths)
+            self.capacity = other.capacity
+            return
+        self._reserve(max(self.length, other.length))
+        n = other.length
+        for store, more in ((self.keys, other.keys), (self.values, other.values)):
+            for i, t in enumerate(store):
+                rows = t.new_zeros(more[i].shape[0], t.shape[1], t.shape[2], t.shape[3])
+                rows[:, :, :n] = more[i][:, :, :n]
+                store[i] = torch.cat([t, rows])  # (rows + new rows, nkv, capacity, hs)
+        self.lengths += other.lengths
+
+    def drop(self, row: int) -> None:
+        """Retire one row: the last row takes its place (the caller's order
+        of rows changes the same way)."""
+        last = self.rows - 1
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                if row != last:
+                    t[row, :, : self.lengths[last]] = t[last, :, : self.lengths[last]]
+                store[i] = t[:last]
+        self.lengths[row] = self.lengths[last]
+        self.lengths.pop()
+
+
+@dataclass
+class StepPlan:
+    """Where one forward's queries sit and which keys each sees, worked out
+    once for every layer: positions, the keys' span, and the mask."""
+
+    positions: torch.Tensor | None  # (B, T) for ragged rows; None: every row at start..start+T-1
+    start: int | None  # the rows' common length before this forward; None: ragged
+    limit: int  # keys 0..limit-1 exist for some row
+    mask: torch.Tensor | None  # (T, limit) or (B, 1, T, limit) bool, True: visible; None: see `causal`
+    causal: bool  # no mask: SDPA's is_causal (a square prefill), else every key visible
+
+    @staticmethod
+    def make(lengths: list[int], T: int, device: torch.device) -> StepPlan:
+        limit = max(lengths) + T
+        if len(set(lengths)) == 1:  # one start for all rows (batch of one, or equal prompts)
+            start = lengths[0]
+            mask = None
+            if start and T > 1:  # query i (position start + i) sees keys 0..start+i
+                mask = torch.ones(T, limit, dtype=torch.bool, device=device).tril(diagonal=start)
+            return StepPlan(None, start, limit, mask, causal=start == 0 and T > 1)
+        positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(T, device=device)  # (B, T)
+        mask = torch.arange(limit, device=device) <= positions[:, :, None]  # (B, T, limit): own keys only
+        return StepPlan(positions, None, limit, mask[:, None], causal=False)
 
 
 class Attention(nn.Module):
@@ -167,9 +267,9 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None,
-        past: int = 0,
     ) -> torch.Tensor:
-        """past: how many earlier positions the cache holds (0 without a cache)."""
+        """rope: (cos, sin) of each query's position; with a cache, its plan
+        says where this forward writes and which keys each query sees."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hs)
@@ -180,16 +280,10 @@ class Attention(nn.Module):
         if self.use_rope:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, is_causal = None, T > 1
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, nkv, past+T, hs)
-        # Causal: query i (absolute position past+i) sees keys 0..past+i.
-        # Without past keys that is exactly SDPA's is_causal; with a cache and
-        # one new token every key is visible; otherwise build the mask.
-        mask, is_causal = None, False
-        if past == 0:
-            is_causal = T > 1
-        elif T > 1:
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, limit, hs)
+            mask, is_causal = cache.plan.mask, cache.plan.causal
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -285,8 +379,8 @@ class Block(nn.Module):
         self.mlp = make_mlp(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None, past: int = 0) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, past))
+    def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -347,34 +441,44 @@ class LanguageModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         cache: KVCache | None = None,
         head: bool = True,
+        valid: list[int] | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> LMOutput:
         """head=False: return the normed hidden states instead of the logits, so a
-        caller that needs logits at a few positions (the loss) applies lm_head there."""
+        caller that needs logits at a few positions (the loss) applies lm_head there.
+        With a cache: valid[r] of row r's tokens are real, the rest right padding.
+        logits_at (B,): logits only at that position of each row, (B, V)."""
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
         x = inputs_embeds  # (B, T, embed_dim)
         if self.reducer is not None:
             x = self.reducer(x)  # (B, T, d_model)
         B, T, _ = x.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(
-                f"sequence of {start + T} tokens is longer than model.lm.max_seq_len={self.cfg.max_seq_len}"
-            )
+        start, positions, longest = 0, None, T  # positions start..start+T-1 in every row
+        if cache is not None:
+            plan = cache.begin(B, T, x.device, valid)
+            start, positions, longest = plan.start, plan.positions, plan.limit  # ragged rows: (B, T) positions
+        if longest > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {longest} tokens is longer than model.lm.max_seq_len={self.cfg.max_seq_len}")
         rope = None
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(start, start + T, device=x.device))
-        else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            at = torch.arange(start, start + T, device=x.device) if start is not None else positions
+            x = x + self.pos_embed(at)  # (T, D) or (B, T, D)
+        elif start is not None:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, hs/2)
+        else:  # (B, 1, T, hs/2): each row's own positions, broadcast over the heads
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
         x = self.drop(x)
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, rope, None, use_reentrant=False)
             else:
-                x = block(x, rope, cache, start)
+                x = block(x, rope, cache)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.cfg.mlp == "moe":
             aux = self.cfg.moe_aux_coef * sum(b.mlp.aux_loss for b in self.layers)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at]  # (B, D): only what the next token needs
         if not head:
             return LMOutput(logits=None, aux_loss=aux, hidden=self.norm(x))
         return LMOutput(logits=self.lm_head(self.norm(x)), aux_loss=aux)

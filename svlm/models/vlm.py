@@ -163,12 +163,15 @@ class VLM(nn.Module):
         cache: KVCache | None = None,
         vision_features: torch.Tensor | None = None,  # instead of pixel_values: see embed
         target_index: torch.Tensor | None = None,  # target_positions(labels), if already known
+        valid: list[int] | None = None,  # with a cache: each row's real tokens, the rest right padding
+        logits_at: torch.Tensor | None = None,  # (B,): logits (B, V) at one position a row (a prefill)
     ) -> VLMOutput:
-        """Without labels: logits at every position. With labels: the next-token
-        loss, with logits computed only where a supervised token follows: the
-        picture's slots and the prompt need no vocabulary-sized output."""
+        """Without labels: logits at every position (or at logits_at). With
+        labels: the next-token loss, with logits computed only where a
+        supervised token follows: the picture's slots and the prompt need no
+        vocabulary-sized output."""
         embeds = self.embed(input_ids, pixel_values, vision_features)
-        out = self.lm(inputs_embeds=embeds, cache=cache, head=labels is None)
+        out = self.lm(inputs_embeds=embeds, cache=cache, head=labels is None, valid=valid, logits_at=logits_at)
         if labels is None:
             return VLMOutput(out.logits, None, None, 0)
         if target_index is None:
