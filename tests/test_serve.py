@@ -28,6 +28,7 @@ from PIL import Image
 from svlm.config import ConfigError, load_train_config
 from svlm.model_folder import save_model
 from svlm.serve import build_app, load_serve_config
+from svlm.serve.app import exposure_warning
 from svlm.serve.config import LimitsConfig
 from svlm.serve.engine import Result
 from svlm.serve.messages import APIError, parse_chat_request
@@ -39,6 +40,7 @@ LIMITS = [  # small limits, so tests can cross them cheaply
     "serve.max_image_bytes=200000",
     "serve.max_image_pixels=65536",  # 256 x 256
     "serve.max_images=2",
+    "serve.max_batch=2",
     "serve.max_queue=1",
     "serve.max_tokens=900",
     "serve.default_max_tokens=8",
@@ -395,31 +397,79 @@ def test_oversized_body(server):
 
 
 def test_queue_full_is_429(server, client):
-    """One generation runs, serve.max_queue=1 waits, the next is refused with 429; then all finish."""
+    """serve.max_batch=2 may run and serve.max_queue=1 wait; the next is refused with 429; then all finish."""
     url, engine = server
     gate = threading.Event()
     engine.submit(lambda job: (gate.wait(30), Result("", 0, 0, "stop"))[1])  # hold the worker
     waiting: list[httpx.Response] = []
-    thread = threading.Thread(
-        target=lambda: waiting.append(post(url, {"messages": [{"role": "user", "content": "hi"}]}))
-    )
-    thread.start()
+    threads = [
+        threading.Thread(target=lambda: waiting.append(post(url, {"messages": [{"role": "user", "content": "hi"}]})))
+        for _ in range(engine.capacity - 1)
+    ]
+    for t in threads:
+        t.start()
     try:
         deadline = time.monotonic() + 20
-        while engine.pending < 2:
-            assert time.monotonic() < deadline, "the second request never reached the queue"
+        while engine.pending < engine.capacity:
+            assert time.monotonic() < deadline, "the requests never reached the queue"
             time.sleep(0.02)
         r = post(url, {"messages": [{"role": "user", "content": "hi"}], "stream": True})
         error = expect_error(r, 429, "rate_limit_exceeded")
         assert error["type"] == "rate_limit_error" and r.headers["retry-after"] == "1"
+        assert "2 requests run (serve.max_batch) and 1 wait (serve.max_queue)" in error["message"]
         with pytest.raises(openai.RateLimitError):
             client.chat.completions.create(model="svlm", messages=[{"role": "user", "content": "hi"}])
     finally:
         gate.set()
-        thread.join(30)
-    assert waiting[0].status_code == 200, waiting[0].text  # the queued request was answered
+        for t in threads:
+            t.join(30)
+    assert [r.status_code for r in waiting] == [200, 200], [r.text for r in waiting]  # the queued ones were answered
     assert engine.pending == 0
     assert client.chat.completions.create(model="svlm", messages=[{"role": "user", "content": "hi"}]).choices
+
+
+def test_concurrent_requests_get_their_sequential_answers(server, client):
+    """Requests decoded together (different prompts, lengths, pictures and
+    budgets) get the greedy answers each gets alone."""
+    url, engine = server
+    bodies = [  # as many as the batch and the queue hold (serve.max_batch=2, serve.max_queue=1)
+        {"messages": [image_message(data_url(png(colour=c)), q)], "max_tokens": n}
+        for c, q, n in (("red", "What colour is the shape?", 8), ("blue", "Shape?", 5))
+    ] + [{"messages": [{"role": "user", "content": "Say something about shapes, please."}], "max_tokens": 6}]
+    alone = [post(url, b).json()["choices"][0]["message"]["content"] for b in bodies]
+    assert len(set(alone)) == len(bodies)  # different answers: rows that mixed would show
+    steps = engine.steps
+    together: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda k=k, b=b: together.update({k: post(url, b).json()["choices"][0]
+                                                                         ["message"]["content"]}))
+               for k, b in enumerate(bodies)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [together[k] for k in range(len(bodies))] == alone
+    assert engine.steps - steps < sum(b["max_tokens"] for b in bodies)  # some steps served several requests
+
+
+def test_many_clients_each_answered_or_refused_once(server):
+    """More concurrent requests than batch and queue hold: each ends answered
+    (200) or refused (429), none hangs, none is answered twice."""
+    url, engine = server
+    results: list[tuple[int, int]] = []
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+    def one(k: int) -> None:
+        r = post(url, {**body, "seed": k})
+        results.append((k, r.status_code))
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(k for k, _ in results) == list(range(12))  # every request ended, once
+    assert {code for _, code in results} <= {200, 429} and 200 in {code for _, code in results}
+    wait_until(lambda: engine.pending == 0)
 
 
 def wait_until(condition, seconds: float = 20.0) -> None:
@@ -432,13 +482,13 @@ def wait_until(condition, seconds: float = 20.0) -> None:
 def test_disconnect_stops_generation(server, monkeypatch):
     """Closing a stream (or a waiting request) stops the generation between two tokens."""
     url, engine = server
-    forward = engine.model.forward
+    forward = engine.model.lm.forward
 
     def slow_forward(*args, **kwargs):  # 900 tokens would take 9 s or more
         time.sleep(0.01)
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(engine.model, "forward", slow_forward)
+    monkeypatch.setattr(engine.model.lm, "forward", slow_forward)
     body = {"messages": [image_message(data_url(png()))], "max_tokens": 900, "stream": True}
     before = engine.stats["cancelled"]
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
@@ -454,6 +504,48 @@ def test_disconnect_stops_generation(server, monkeypatch):
         httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.5)
     wait_until(lambda: engine.stats["cancelled"] == before + 2 and engine.pending == 0)
     assert engine.last.completion_tokens < 900
+
+
+def test_cancel_frees_the_slot_within_one_step(server, monkeypatch):
+    """A cancelled request leaves the batch before the next decode step, while
+    the others go on."""
+    url, engine = server
+    forward = engine.model.lm.forward
+    monkeypatch.setattr(engine.model.lm, "forward", lambda *a, **kw: (time.sleep(0.01), forward(*a, **kw))[1])
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 900}
+    long, other = engine.submit(engine.prepare(body)), engine.submit(engine.prepare({**body, "max_tokens": 60}))
+    start = engine.steps
+    wait_until(lambda: engine.steps >= start + 5)
+    at_cancel = engine.steps
+    long.cancel()
+    wait_until(lambda: engine.stats["cancelled"] and engine.last.finish_reason == "cancelled")
+    assert engine.steps - at_cancel <= 1  # at most the step under way when it was cancelled
+    wait_until(lambda: engine.pending == 0)
+    assert engine.last.finish_reason in ("stop", "length")  # the other request went on to its end
+    del other
+
+
+def test_api_key(model_dir, tmp_path, cache_dir):
+    cfg = serve_config(model_dir, tmp_path, cache_dir, "serve.api_key=s3cret")
+    with running(cfg) as (url, _):
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        expect_error(post(url, body), 401, "invalid_api_key")
+        wrong = expect_error(post(url, body, headers={"Authorization": "Bearer nope"}), 401, "invalid_api_key")
+        assert wrong["message"] == "Incorrect API key provided." and "nope" not in str(wrong)
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        assert httpx.get(f"{url}/").status_code == 200  # the page itself asks for the key
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0, timeout=60)
+        assert good.chat.completions.create(model="svlm", messages=body["messages"], max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="bad", max_retries=0).models.list()
+    with pytest.raises(ConfigError, match="serve.api_key is empty"):
+        serve_config(model_dir, tmp_path, cache_dir, "serve.api_key=' '")
+
+
+def test_exposure_warning():
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("0.0.0.0", "k") is None
+    warning = exposure_warning("0.0.0.0", None)
+    assert "without serve.api_key" in warning and "anyone who can reach this port" in warning
 
 
 # -------------------------------------------------- configuration and the command

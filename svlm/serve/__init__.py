@@ -3,7 +3,7 @@
 
     config.py    the settings and limits
     messages.py  an OpenAI chat request -> our chat template's turns, images, sampling settings
-    engine.py    the one worker thread that generates, its bounded queue
+    engine.py    the worker thread that decodes requests together (continuous batching), its bounded queue
     app.py       the Starlette app: routes, server-sent events, OpenAI error JSON
     static/      the web page served at /
 """

@@ -16,8 +16,11 @@ def main(cfg: DictConfig) -> None:
     import uvicorn
 
     from svlm.serve import build_app, load_serve_config
+    from svlm.serve.app import exposure_warning
 
     serve_cfg = load_serve_config(cfg)
+    if warning := exposure_warning(serve_cfg.host, serve_cfg.serve.api_key):
+        logging.getLogger("svlm.serve").warning(warning)
     app, folder = build_app(serve_cfg)
     where = f"http://{serve_cfg.host}:{serve_cfg.port}"
     logging.getLogger("svlm.serve").info(

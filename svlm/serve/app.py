@@ -7,13 +7,15 @@ endpoints and the web page.
     POST /v1/chat/completions   JSON, or server-sent events with "stream": true
 
 Every error is OpenAI's JSON, {"error": {"message", "type", "param", "code"}},
-with a 4xx status for what the client can fix (429 when the queue is full)
-and 500 for the server's own failures.
+with a 4xx status for what the client can fix (429 when the queue is full,
+401 without the key that serve.api_key asks for) and 500 for the server's
+own failures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -42,7 +44,8 @@ PAGE_POLICY = (  # the page's own inline script and style, pictures from data: a
 
 
 def create_app(engine: Engine, model_name: str = "svlm", allowed_hosts: list[str] | None = None) -> Starlette:
-    """The app around a running Engine; `allowed_hosts` None accepts any Host header."""
+    """The app around a running Engine; `allowed_hosts` None accepts any Host header.
+    With engine.limits.api_key set, /v1/ answers only requests that bear it."""
 
     @asynccontextmanager
     async def lifespan(app):
@@ -66,9 +69,22 @@ def create_app(engine: Engine, model_name: str = "svlm", allowed_hosts: list[str
         lifespan=lifespan,
     )
     app.state.engine, app.state.model_name = engine, model_name
+    if engine.limits.api_key is not None:
+        app.add_middleware(KeyCheck, key=engine.limits.api_key)
     if allowed_hosts is not None:
-        app.add_middleware(HostCheck, allowed=allowed_hosts)
+        app.add_middleware(HostCheck, allowed=allowed_hosts)  # added last: checked first
     return app
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """What to warn about when serving beyond this machine without a key."""
+    if host in LOOPBACK_HOSTS or api_key is not None:
+        return None
+    return (
+        f"serving on {host} without serve.api_key: anyone who can reach this port can run the model "
+        "(and read the pictures under serve.image_root); set serve.api_key=<key> or SVLM_API_KEY, "
+        "or serve on 127.0.0.1"
+    )
 
 
 def default_hosts(host: str, allowed: list[str] | None) -> list[str] | None:
@@ -93,7 +109,8 @@ async def api_error(request: Request, e: Exception) -> Response:
 async def queue_full(request: Request, e: Exception) -> Response:
     engine: Engine = request.app.state.engine
     message = (
-        f"the server is busy: one generation runs and {engine.limits.max_queue} wait (serve.max_queue); retry later"
+        f"the server is busy: {engine.limits.max_batch} requests run (serve.max_batch) and "
+        f"{engine.limits.max_queue} wait (serve.max_queue); retry later"
     )
     return error_response(APIError(429, message, "rate_limit_error", None, "rate_limit_exceeded"), {"Retry-After": "1"})
 
@@ -126,6 +143,29 @@ class HostCheck:
             if name not in self.allowed and "*" not in self.allowed:
                 message = f"Host {host!r} is not served (serve.allowed_hosts)"
                 response = error_response(APIError(400, message, code="host_not_allowed"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class KeyCheck:
+    """Answer /v1/ requests only with `Authorization: Bearer <key>`; else 401
+    with OpenAI's error JSON (the web page at / asks for the key then)."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                message = (
+                    "Incorrect API key provided." if given else
+                    "You didn't provide an API key: send it as `Authorization: Bearer <key>` (serve.api_key)."
+                )  # fmt: skip
+                response = error_response(APIError(401, message, "invalid_request_error", None, "invalid_api_key"),
+                                          {"WWW-Authenticate": "Bearer"})  # fmt: skip
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -19,12 +19,14 @@ class LimitsConfig:
     max_images: int = 4  # images in one request
     max_tokens: int = 1024  # the most new tokens a request may ask for (lmms-eval asks 1024 by default)
     default_max_tokens: int = 128  # when a request does not say
-    max_queue: int = 8  # requests waiting behind the running generation; one more gets 429
+    max_batch: int = 8  # requests decoded together (continuous batching: svlm/serve/engine.py)
+    max_queue: int = 8  # requests waiting for a place in the batch; one more gets 429
+    api_key: str | None = None  # clients must send `Authorization: Bearer <key>`; None: no key asked
     system: Literal["prepend", "ignore", "reject"] = "prepend"  # what system messages do (README: Serve)
     allowed_hosts: list[str] | None = None  # Host headers accepted; None: localhost names on a loopback bind, else any
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_images", "max_tokens"):
+        for name in ("max_body_bytes", "max_image_bytes", "max_image_pixels", "max_images", "max_tokens", "max_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"serve.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue < 0:
@@ -34,6 +36,8 @@ class LimitsConfig:
                 f"serve.default_max_tokens={self.default_max_tokens} must be between 1 and "
                 f"serve.max_tokens={self.max_tokens}"
             )
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("serve.api_key is empty: give a key, or null to ask for none")
 
 
 @dataclass

@@ -1,8 +1,13 @@
-"""One generation at a time. The model is not thread-safe, so one worker
-thread owns it; requests wait in a bounded queue behind the running one, and
-a request that finds the queue full is refused (the app answers 429). Each
-job sends its text back, piece by piece, to the event loop that submitted it,
-and stops between two tokens once cancelled (the client went away).
+"""Continuous batching. The model is not thread-safe, so one worker thread
+owns it and decodes up to `serve.max_batch` requests together
+(svlm/inference/generation.py's Batch: a ragged batch, each row at its own
+positions). Between two decode steps it retires the rows that finished or
+whose client went away (their slots are free for the next step), and admits
+waiting requests: their prompts are prefilled together, then they join the
+running batch. Requests wait in a bounded queue; one that finds
+`max_batch + max_queue` requests already running or waiting is refused (the
+app answers 429). Each job sends its text back, piece by piece, to the event
+loop that submitted it.
 
     prompt = engine.prepare(body)   # any thread: parse, decode images, encode the prompt
     job = engine.submit(prompt)     # the event loop: QueueFull when full
@@ -27,7 +32,7 @@ import torch
 from svlm.config import HardwareConfig
 from svlm.data.chat import ChatEncoder
 from svlm.hardware import autocast_for
-from svlm.inference.generation import TextStreamer, generate
+from svlm.inference.generation import Batch, Sampling, Stream, TextStreamer, prepare_for_decoding
 from svlm.models.vision import ImageProcessor
 from svlm.models.vlm import VLM
 from svlm.serve.config import LimitsConfig
@@ -59,10 +64,12 @@ class Result:
 class Job:
     """A unit of work for the worker; `events` is read on the submitting event loop."""
 
-    def __init__(self, work: Callable[[Job], Result], loop: asyncio.AbstractEventLoop | None) -> None:
-        self.work, self.loop = work, loop
+    def __init__(self, work: Prompt | Callable[[Job], Result], loop: asyncio.AbstractEventLoop | None) -> None:
+        self.work, self.loop = work, loop  # a prompt to decode, or (tests) a callable the worker runs alone
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.started = time.perf_counter()
+        self.streamer: TextStreamer | None = None  # its text so far, once it decodes
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -75,10 +82,6 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
-
-
-class Cancelled(Exception):
-    """Raised inside generation when its job is cancelled."""
 
 
 class Engine:
@@ -94,14 +97,19 @@ class Engine:
     ) -> None:
         self.model, self.tokenizer, self.device, self.hardware, self.limits = model, tokenizer, device, hardware, limits
         self.folder, self.meta = folder, meta or {}
+        prepare_for_decoding(model, hardware.compile)
         self.image_root = Path(limits.image_root).resolve() if limits.image_root else None
         self.encoder = ChatEncoder.for_model(tokenizer, model)
         self.processor = ImageProcessor(model.cfg.vision)
         self.stats: Counter[str] = Counter()  # finished jobs by finish reason, and "failed"
         self.last: Result | None = None  # the most recent finished generation
+        self.steps = 0  # decode steps run
+        self.batch = Batch(model)
+        self._jobs: dict[Stream, Job] = {}  # the job of each stream in the batch (or joining it)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0  # running + waiting
+        self._closing = False
         self._thread = threading.Thread(target=self._loop, name="svlm-generate", daemon=True)
         self._thread.start()
 
@@ -126,9 +134,14 @@ class Engine:
     def pending(self) -> int:
         return self._pending
 
+    @property
+    def capacity(self) -> int:
+        """Requests that may be running or waiting at once."""
+        return self.limits.max_batch + self.limits.max_queue
+
     def check_room(self) -> None:
         """QueueFull unless a request submitted now would find a place."""
-        if self._pending >= 1 + self.limits.max_queue:
+        if self._pending >= self.capacity:
             raise QueueFull
 
     def submit(self, work: Prompt | Callable[[Job], Result]) -> Job:
@@ -137,17 +150,16 @@ class Engine:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-        fn = (lambda job: self._generate(job, work)) if isinstance(work, Prompt) else work
-        job = Job(fn, loop)
+        job = Job(work, loop)
         with self._lock:
-            if self._pending >= 1 + self.limits.max_queue:
+            if self._pending >= self.capacity:
                 raise QueueFull
             self._pending += 1
         self._queue.put(job)
         return job
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the worker after the running job (waiting ones are cancelled)."""
+        """Stop the worker after its current step (running and waiting jobs are cancelled)."""
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -162,21 +174,94 @@ class Engine:
     # ------------------------------------------------------ the worker thread
 
     def _loop(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while not self._closing:
+            self._admit(wait=len(self.batch) == 0)
+            for stream in list(self.batch.streams):  # a client gone: its slot is free before the next step
+                if self._jobs[stream].cancelled.is_set():
+                    self.batch.cancel(stream)
+                    self._complete([stream])
+            if len(self.batch):
+                self._run(self.batch.step, list(self.batch.streams))
+                self.steps += 1
+        for stream in list(self.batch.streams):
+            self.batch.cancel(stream)
+            self._complete([stream])
+
+    def _admit(self, wait: bool) -> None:
+        """Take waiting jobs into free slots (waiting for one when the batch is
+        empty) and prefill the prompts together."""
+        joining: list[Stream] = []
+        while len(self.batch) + len(joining) < self.limits.max_batch:
+            try:
+                job = self._queue.get(block=wait and not joining)
+            except queue.Empty:
+                break
+            if job is None:
+                self._closing = True
+                break
             if job.cancelled.is_set():  # the client left while it waited
                 self._finish(job, Result("", 0, 0, "cancelled"))
-                continue
-            try:
-                result = job.work(job)
-            except Exception as e:  # a failed job must not stop the worker
-                log.exception("generation failed")
-                self.stats["failed"] += 1
-                error = e if isinstance(e, APIError) else APIError(500, f"generation failed: {e}", "server_error")
-                with self._lock:
-                    self._pending -= 1
-                job.emit("error", error)
-                continue
-            self._finish(job, result)
+            elif isinstance(job.work, Prompt):
+                joining.append(self._stream(job))
+            else:
+                self._run_alone(job)
+        if joining:
+            self._run(lambda: self.batch.add(joining), joining)
+
+    def _stream(self, job: Job) -> Stream:
+        request, prompt = job.work.request, job.work
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        streamer = TextStreamer(self.tokenizer, lambda text: job.emit("delta", text))
+        stream = Stream(
+            prompt.input_ids[0].tolist(),
+            None if prompt.pixel_values is None else prompt.pixel_values.to(self.device),
+            request.max_tokens,
+            frozenset(self.encoder.stop_ids),
+            Sampling(request.temperature, request.top_k, request.top_p),
+            torch.Generator(device=self.device).manual_seed(seed),
+            on_token=lambda s: streamer(s.ids),
+        )
+        job.streamer = streamer
+        self._jobs[stream] = job
+        return stream
+
+    def _run(self, work: Callable[[], list[Stream]], streams: list[Stream]) -> None:
+        """A prefill or a decode step; a failure fails the requests it touched
+        (and, for a step, leaves an empty batch), never the worker."""
+        try:
+            with torch.no_grad(), autocast_for(self.hardware, self.device):
+                self._complete(work())
+        except Exception as e:
+            log.exception("generation failed")
+            error = e if isinstance(e, APIError) else APIError(500, f"generation failed: {e}", "server_error")
+            self.batch = Batch(self.model) if any(s in self.batch.streams for s in streams) else self.batch
+            for s in streams:
+                if s in self._jobs:
+                    self._fail(self._jobs.pop(s), error)
+
+    def _complete(self, streams: list[Stream]) -> None:
+        for s in streams:
+            job = self._jobs.pop(s)
+            text = self.tokenizer.decode(s.ids, skip_special_tokens=True)
+            if s.finish != "cancelled" and text[len(job.streamer.printed) :]:
+                job.emit("delta", text[len(job.streamer.printed) :])
+            n = len(s.ids) + (s.finish == "stop")  # the end-of-turn token counts
+            self._finish(job, Result(text, len(s.prompt), n, s.finish, time.perf_counter() - job.started))
+
+    def _run_alone(self, job: Job) -> None:
+        try:
+            result = job.work(job)
+        except Exception as e:
+            log.exception("job failed")
+            self._fail(job, APIError(500, f"generation failed: {e}", "server_error"))
+            return
+        self._finish(job, result)
+
+    def _fail(self, job: Job, error: APIError) -> None:
+        self.stats["failed"] += 1
+        with self._lock:
+            self._pending -= 1
+        job.emit("error", error)
 
     def _finish(self, job: Job, result: Result) -> None:
         self.stats[result.finish_reason] += 1
@@ -184,44 +269,3 @@ class Engine:
         with self._lock:
             self._pending -= 1
         job.emit("done", result)
-
-    def _generate(self, job: Job, prompt: Prompt) -> Result:
-        start = time.perf_counter()
-        request, device = prompt.request, self.device
-        seed = request.seed if request.seed is not None else secrets.randbits(63)
-        generator = torch.Generator(device=device).manual_seed(seed)
-        streamer = TextStreamer(self.tokenizer, lambda text: job.emit("delta", text))
-
-        def on_token(ids: list[int]) -> None:
-            if job.cancelled.is_set():
-                raise Cancelled
-            streamer(ids)
-            n_new[0] = len(ids)
-
-        n_new = [0]
-        prompt_tokens = prompt.input_ids.shape[1]
-        room = min(request.max_tokens, self.model.cfg.lm.max_seq_len - prompt_tokens)
-        pixel_values = None if prompt.pixel_values is None else prompt.pixel_values.to(device)
-        try:
-            with autocast_for(self.hardware, device):
-                (ids,) = generate(
-                    self.model,
-                    prompt.input_ids.to(device),
-                    pixel_values,
-                    self.encoder.stop_ids,
-                    room,
-                    request.temperature,
-                    request.top_k,
-                    request.top_p,
-                    on_token=on_token,
-                    generator=generator,
-                )
-        except Cancelled:
-            return Result(streamer.printed, prompt_tokens, n_new[0], "cancelled", time.perf_counter() - start)
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if text[len(streamer.printed) :]:
-            job.emit("delta", text[len(streamer.printed) :])
-        stopped = len(ids) < room  # generation ends early only at the end-of-turn token
-        return Result(
-            text, prompt_tokens, len(ids) + stopped, "stop" if stopped else "length", time.perf_counter() - start
-        )
