@@ -97,6 +97,7 @@ class DataConfig:
     max_images: int = 8  # images a sample may have (its "image" list); more: a bad sample
     shuffle: bool = True  # a new order every epoch; false: file order
     group_by_length: bool = True  # batch samples of similar length together (less padding)
+    packing: bool = False  # a micro-batch's samples share rows of max_len tokens (svlm/data/packing.py)
     group_window: int = 1  # batches whose samples are sorted by length together (more: less padding, less random)
     on_error: Literal["skip", "raise"] = "skip"  # a bad sample: reported and skipped, or fatal
     max_bad_fraction: float = 0.01  # stop when more than this share of the samples is bad

@@ -46,13 +46,18 @@ def test_vision_flops_match_torch_counter():
 def test_bench_runs_and_writes_figures(tmp_path, cache_dir, shapes_root, capsys):
     args = [*tiny_train_overrides("stage2"), *path_overrides(tmp_path, cache_dir), f"paths.run_dir={tmp_path}/bench",
             "bench.steps=1", "bench.rounds=1", "bench.warmup=0", "bench.gen_tokens=8", "bench.data_images=5",
-            "bench.threads=[1]", "bench.profile=true"]  # fmt: skip
+            "bench.threads=[1]", "bench.profile=true", "bench.data_steps=1"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
     figures = json.loads((tmp_path / "bench" / "bench.json").read_text())
     for key in ("step_gflop", "generation_tokens_per_s", "data_images_per_s", "padding_share", "peak_rss_gib"):
         assert key in figures
     assert 0 < figures["rounds"]["1"]["mfu"] < 1.5 and "MFU" in out and "KV cache" in out
+    shares, data = figures["padding_share"], figures["data_steps"]
+    assert 0 <= shares["packed"] <= shares["unpacked"] < 1 and "packed (data.packing)" in out
+    assert (
+        data["packed"]["samples"] == data["unpacked"]["samples"] and data["packed"]["rows"] < data["unpacked"]["rows"]
+    )
     phases = figures["profile"]["phases"]
     assert phases.keys() == {"forward", "backward", "optimizer"} and sum(phases.values()) == pytest.approx(1)
     profile = (tmp_path / "bench" / "profile.txt").read_text()

@@ -18,7 +18,9 @@ one table and writes the figures as JSON to outputs/bench/<time>/bench.json:
   achieved, and MFU against an fp32 (or bf16 on a GPU) matmul peak measured in
   the same run right before each round;
 - the data pipeline alone (images decoded and preprocessed a second);
-- the share of padding tokens in batches of the configured data;
+- the share of padding tokens in batches of the configured data, a row a
+  sample and packed (data.packing); with bench.data_steps, samples/s of
+  training steps on that data both ways;
 - peak memory (process RSS on the CPU, torch.cuda.max_memory_allocated over
   the training steps on a GPU) beside the planner's estimate (svlm/memory/);
 - batch-1 generation tokens/s with and without the KV cache (the weights laid
@@ -72,6 +74,7 @@ class BenchConfig:
     profile: bool = False  # 2 more steps under torch.profiler: profile.txt and trace.json in the run folder
     data: bool = True  # the data pipeline and padding figures (the configured data, built if absent)
     data_images: int = 200
+    data_steps: int = 0  # >0: also that many training steps on the configured data, unpacked and packed
 
 
 # ------------------------------------------------------------------- measuring
@@ -228,33 +231,87 @@ def data_pipeline_speed(cfg, model: VLM, images: int) -> float:
     return len(files) / (time.perf_counter() - t0)
 
 
-def padding_share(cfg, model: VLM, batch: int, micro: int | None = None) -> float:
-    """Pad tokens / batch tokens over one epoch of the configured training data,
-    in micro-batches of `micro` (each padded to its longest sample)."""
+def training_data(cfg, model: VLM):
+    """The configured training data set (the last stage's task) and its chat encoder."""
     from svlm.data.chat import ChatEncoder
-    from svlm.data.dataset import ChatDataset
-    from svlm.data.sampler import EpochSampler
     from svlm.data.source import data_root, load_splits, train_files
+    from svlm.models.vision import ImageProcessor
     from svlm.tokenizer import tokenizer_for_data
 
     root = data_root(cfg.data, cfg.paths.cache)
     first, stage = cfg.stages()[0], cfg.stages()[-1]  # the tokenizer is trained on the first stage's data
     tokenizer = tokenizer_for_data(cfg.tokenizer, train_files(cfg.data, root, first.task))
     encoder = ChatEncoder.for_model(tokenizer, model)
-    ds, _ = load_splits(cfg.data, root, stage.task, encoder, None, cfg.data.max_len, None, cfg.seed)
-    if not isinstance(ds, ChatDataset):
-        return float("nan")
+    processor = ImageProcessor(model.cfg.vision)
+    ds, _ = load_splits(cfg.data, root, stage.task, encoder, processor, cfg.data.max_len, None, cfg.seed)
+    return ds, encoder
+
+
+def epoch_micro_batches(cfg, ds, batch: int, micro: int) -> list[list[int]]:
+    """The sample indices of each micro-batch of one epoch, in the training sampler's order."""
+    from svlm.data.sampler import EpochSampler
+
     lengths = ds.lengths()
     sampler = EpochSampler(len(ds), cfg.seed, cfg.data.shuffle, lengths=lengths if cfg.data.group_by_length else None,
                            group=batch, window=cfg.data.group_window)  # fmt: skip
     order = list(sampler)
-    pad = total = 0
-    micro = micro or batch
-    for start in range(0, len(order), micro):
-        chunk = [lengths[i] for i in order[start : start + micro]]
-        pad += max(chunk) * len(chunk) - sum(chunk)
-        total += max(chunk) * len(chunk)
-    return pad / total
+    return [order[i : i + micro] for i in range(0, len(order), micro)]
+
+
+def padding_shares(cfg, ds, batch: int, micro: int) -> dict:
+    """Pad tokens / batch tokens over one epoch of the configured training data,
+    in micro-batches of `micro`: each padded to its longest sample, and packed
+    into rows of data.max_len (svlm/data/packing.py) padded to the longest row."""
+    from svlm.data.packing import pack_rows
+
+    lengths = ds.lengths()
+    pad = total = packed_pad = packed_total = 0
+    for chunk in epoch_micro_batches(cfg, ds, batch, micro):
+        sizes = [lengths[i] for i in chunk]
+        pad += max(sizes) * len(sizes) - sum(sizes)
+        total += max(sizes) * len(sizes)
+        rows = pack_rows(sizes, cfg.data.max_len)
+        width = max(sum(sizes[i] for i in row) for row in rows)
+        packed_pad += width * len(rows) - sum(sizes)
+        packed_total += width * len(rows)
+    return {"unpacked": pad / total, "packed": packed_pad / packed_total,
+            "sample_tokens": [min(lengths), statistics.median(lengths), max(lengths)]}  # fmt: skip
+
+
+def data_step_speed(cfg, steps: Stepper, ds, encoder, batch: int, micro: int, n: int, device) -> dict:
+    """samples/s of `n` training steps on the configured data's first batches,
+    unpacked (a row a sample) and packed: the same samples both ways. Token ids
+    are mapped into the bench model's vocabulary (the speed does not depend on them)."""
+    from svlm.data.dataset import Collator
+    from svlm.data.packing import PackingCollator
+
+    model = steps.model
+    chunks = epoch_micro_batches(cfg, ds, batch, micro)[: n * max(1, batch // micro)]
+    items = [[ds[i] for i in chunk] for chunk in chunks]
+    result = {}
+    for name, collate in (
+        ("unpacked", Collator(encoder.pad_id)),
+        ("packed", PackingCollator(encoder.pad_id, cfg.data.max_len)),
+    ):
+        micro_batches = []
+        for group in items:
+            b = collate(group)
+            slots = b["input_ids"] == encoder.image_id
+            b["input_ids"] = (b["input_ids"] % (model.cfg.lm.vocab_size - 4)) + 4  # clear of the image id (3)
+            b["input_ids"][slots] = model.cfg.image_token_id
+            b["labels"] = torch.where(b["labels"] >= 0, b["input_ids"], b["labels"])
+            micro_batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
+        per_step = max(1, batch // micro)
+        steps_of = [micro_batches[i : i + per_step] for i in range(0, len(micro_batches), per_step)]
+        one_step(steps, steps_of[0])  # warm-up
+        t0 = time.perf_counter()
+        for group in steps_of:
+            one_step(steps, group)
+        seconds = time.perf_counter() - t0
+        samples = sum(b.get("n_samples", b["input_ids"].shape[0]) for b in micro_batches)
+        result[name] = {"samples_per_s": samples / seconds, "rows": sum(b["input_ids"].shape[0] for b in micro_batches),
+                        "samples": samples, "tokens_per_row": statistics.mean(b["input_ids"].shape[1] for b in micro_batches)}  # fmt: skip
+    return result
 
 
 # ------------------------------------------------------------------------- main
@@ -362,5 +419,11 @@ def run(cfg, bench: BenchConfig) -> dict:
         results["generation_tokens_per_s"] = generation_speed(model, device, bench.gen_tokens)
     if bench.size is None and bench.data:
         results["data_images_per_s"] = data_pipeline_speed(cfg, model, bench.data_images)
-        results["padding_share"] = padding_share(cfg, model, batch_size, micro)
+        ds, encoder = training_data(cfg, model)
+        if hasattr(ds, "lengths"):  # a data set read whole (a stream has no lengths ahead)
+            results["padding_share"] = padding_shares(cfg, ds, batch_size, micro)
+            if bench.data_steps:
+                model.train()
+                results["data_steps"] = data_step_speed(cfg, steps, ds, encoder, batch_size, micro, bench.data_steps,
+                                                        device)  # fmt: skip
     return results

@@ -31,9 +31,15 @@ def print_table(r: dict) -> None:
         print(f"  generation ({g['new_tokens']} new tokens): {g['with_cache']:.0f} tokens/s with the KV cache, "
               f"{g['without_cache']:.0f} without ({g['speedup']:.1f}x)")  # fmt: skip
     if "data_images_per_s" in r:
-        print(
-            f"  data pipeline: {r['data_images_per_s']:.0f} images/s; padding: {r['padding_share']:.1%} of batch tokens"
-        )
+        print(f"  data pipeline: {r['data_images_per_s']:.0f} images/s")
+    if "padding_share" in r:
+        p = r["padding_share"]
+        low, mid, high = p["sample_tokens"]
+        print(f"  padding: {p['unpacked']:.1%} of batch tokens a row a sample, {p['packed']:.1%} packed (data.packing); "
+              f"samples of {low} to {high} tokens (median {mid:.0f})")  # fmt: skip
+    for name, d in r.get("data_steps", {}).items():
+        print(f"  training on the data, {name}: {d['samples_per_s']:.2f} samples/s ({d['samples']} samples in "
+              f"{d['rows']} rows of {d['tokens_per_row']:.0f} tokens on average)")  # fmt: skip
     if "profile" in r:
         shares = ", ".join(f"{k} {v:.0%}" for k, v in r["profile"]["phases"].items())
         print(f"  profile: {shares} of the step; top operators in {r['profile']['table']}")

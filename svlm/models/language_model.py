@@ -247,6 +247,87 @@ class StepPlan:
         return StepPlan(positions, None, limit, mask[:, None], causal=False)
 
 
+def packed_kernel(device: torch.device) -> str:
+    """The attention packed rows get: FlashAttention's variable-length kernel
+    on a GPU where flash-attn is installed, else PyTorch's flex_attention on
+    a GPU; on the CPU causal SDPA over each sample's span of the flattened
+    rows ("sdpa_spans": no work for the masked-out blocks, which SDPA with the
+    block-diagonal mask, "sdpa", would still compute)."""
+    if device.type != "cuda":
+        return "sdpa_spans"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "flex"
+    return "flash_varlen"
+
+
+@dataclass
+class Packing:
+    """Rows holding several samples (svlm/data/packing.py): a token sees the
+    earlier tokens of its own sample only. Worked out once a forward for every layer."""
+
+    kernel: str  # "sdpa" | "sdpa_spans" | "flex" | "flash_varlen" (packed_kernel)
+    mask: torch.Tensor | None = None  # sdpa: (B, 1, T, T) bool, True: visible
+    block_mask: object | None = None  # flex: a BlockMask
+    cu_seqlens: torch.Tensor | None = None  # flash_varlen, sdpa_spans: (n + 1,) int32 starts in the flattened rows
+    max_seqlen: int = 0
+
+    @staticmethod
+    def make(segments: torch.Tensor, cu_seqlens: torch.Tensor | None, max_seqlen: int, kernel: str) -> Packing:
+        """segments (B, T): each token's sample number in its row (0: padding)."""
+        B, T = segments.shape
+        if kernel == "flash_varlen":
+            return Packing(kernel, cu_seqlens=cu_seqlens.to(segments.device), max_seqlen=max_seqlen)
+        if kernel == "sdpa_spans":
+            return Packing(kernel, cu_seqlens=cu_seqlens.cpu(), max_seqlen=max_seqlen)
+        if kernel == "flex":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def same_sample(b, h, q, kv):
+                return (segments[b, q] == segments[b, kv]) & (q >= kv)
+
+            return Packing(kernel, block_mask=create_block_mask(same_sample, B, None, T, T, device=segments.device))
+        same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+        return Packing(kernel, mask=(same & causal)[:, None])
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+        """(B, nh, T, hs) queries, (B, nkv, T, hs) keys and values -> (B, nh, T, hs)."""
+        gqa = k.shape[1] != q.shape[1]
+        if self.kernel == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, dropout_p=dropout, enable_gqa=gqa)
+        if self.kernel == "flex":
+            return compiled_flex()(q, k, v, block_mask=self.block_mask, enable_gqa=gqa)
+        B, nh, T, hs = q.shape
+        if self.kernel == "sdpa_spans":
+            flat = [t.transpose(0, 1).reshape(1, t.shape[1], B * T, hs) for t in (q, k, v)]  # (1, heads, B*T, hs)
+            bounds = self.cu_seqlens.tolist()  # on the host already: no device read
+            y = torch.cat([F.scaled_dot_product_attention(*(t[:, :, a:b] for t in flat), dropout_p=dropout,
+                                                          is_causal=True, enable_gqa=gqa)
+                           for a, b in zip(bounds, bounds[1:])], dim=2)  # fmt: skip
+            return y.view(nh, B, T, hs).transpose(0, 1)
+        from flash_attn import flash_attn_varlen_func
+
+        flat = [t.transpose(1, 2).reshape(B * T, t.shape[1], hs) for t in (q, k, v)]  # (B*T, heads, hs)
+        y = flash_attn_varlen_func(*flat, self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen,
+                                   dropout_p=dropout, causal=True)  # fmt: skip
+        return y.view(B, T, nh, hs).transpose(1, 2)
+
+
+_FLEX = None
+
+
+def compiled_flex():
+    """flex_attention compiled once (eager, it materialises the scores)."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention)
+    return _FLEX
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LMConfig, layer: int) -> None:
         super().__init__()
@@ -267,9 +348,11 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
         """rope: (cos, sin) of each query's position; with a cache, its plan
-        says where this forward writes and which keys each query sees."""
+        says where this forward writes and which keys each query sees; with
+        packing, which sample each token belongs to."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hs)
@@ -280,6 +363,9 @@ class Attention(nn.Module):
         if self.use_rope:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if packing is not None:  # several samples a row: each sees itself only
+            y = packing.attend(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         mask, is_causal = None, T > 1
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nkv, limit, hs)
@@ -379,8 +465,10 @@ class Block(nn.Module):
         self.mlp = make_mlp(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache))
+    def forward(
+        self, x: torch.Tensor, rope, cache: KVCache | None = None, packing: Packing | None = None
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, cache, packing))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -443,18 +531,22 @@ class LanguageModel(nn.Module):
         head: bool = True,
         valid: list[int] | None = None,
         logits_at: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> LMOutput:
         """head=False: return the normed hidden states instead of the logits, so a
         caller that needs logits at a few positions (the loss) applies lm_head there.
         With a cache: valid[r] of row r's tokens are real, the rest right padding.
-        logits_at (B,): logits only at that position of each row, (B, V)."""
+        logits_at (B,): logits only at that position of each row, (B, V).
+        Packed rows (svlm/data/packing.py): each token's `positions` (B, T) in
+        its sample, and `packing`, which tokens see which."""
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
         x = inputs_embeds  # (B, T, embed_dim)
         if self.reducer is not None:
             x = self.reducer(x)  # (B, T, d_model)
         B, T, _ = x.shape
-        start, positions, longest = 0, None, T  # positions start..start+T-1 in every row
+        start, longest = (0, T) if positions is None else (None, 0)  # packed rows: each sample within the context
         if cache is not None:
             plan = cache.begin(B, T, x.device, valid)
             start, positions, longest = plan.start, plan.positions, plan.limit  # ragged rows: (B, T) positions
@@ -471,9 +563,9 @@ class LanguageModel(nn.Module):
         x = self.drop(x)
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, rope, None, use_reentrant=False)
+                x = checkpoint(block, x, rope, None, packing, use_reentrant=False)
             else:
-                x = block(x, rope, cache)
+                x = block(x, rope, cache, packing)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.cfg.mlp == "moe":
             aux = self.cfg.moe_aux_coef * sum(b.mlp.aux_loss for b in self.layers)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from svlm.models.language_model import KVCache, LanguageModel, LMConfig
+from svlm.models.language_model import KVCache, LanguageModel, LMConfig, Packing
 from svlm.models.projector import ProjectorConfig, build_projector
 from svlm.models.vision import VisionConfig, VisionEncoder
 
@@ -165,13 +165,16 @@ class VLM(nn.Module):
         target_index: torch.Tensor | None = None,  # target_positions(labels), if already known
         valid: list[int] | None = None,  # with a cache: each row's real tokens, the rest right padding
         logits_at: torch.Tensor | None = None,  # (B,): logits (B, V) at one position a row (a prefill)
+        positions: torch.Tensor | None = None,  # packed rows (svlm/data/packing.py): (B, T) within each sample
+        packing: Packing | None = None,  # and which tokens see which
     ) -> VLMOutput:
         """Without labels: logits at every position (or at logits_at). With
         labels: the next-token loss, with logits computed only where a
         supervised token follows: the picture's slots and the prompt need no
         vocabulary-sized output."""
         embeds = self.embed(input_ids, pixel_values, vision_features)
-        out = self.lm(inputs_embeds=embeds, cache=cache, head=labels is None, valid=valid, logits_at=logits_at)
+        out = self.lm(inputs_embeds=embeds, cache=cache, head=labels is None, valid=valid, logits_at=logits_at,
+                      positions=positions, packing=packing)  # fmt: skip
         if labels is None:
             return VLMOutput(out.logits, None, None, 0)
         if target_index is None:

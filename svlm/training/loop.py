@@ -105,7 +105,7 @@ def fit(run: StageRun, stop: StopRequested) -> None:
         micro_batches = [next(stream) for _ in range(run.accum)]
         step_figures, out = train_step(run.accelerator, run.model, run.optimizer, micro_batches, trainable,
                                        stage.grad_clip, skip_on_device, deepspeed)  # fmt: skip
-        pos.seen += sum(b["input_ids"].shape[0] for b in micro_batches) * run.world
+        pos.seen += sum(b.get("n_samples", b["input_ids"].shape[0]) for b in micro_batches) * run.world
         pos.step += 1
         done = pos.step
         figures.pending.append((done, step_figures))

@@ -31,12 +31,14 @@ from svlm.data.dataset import ChatDataset, Collator, MixedDataset
 from svlm.data.feature_cache import attach as attach_features
 from svlm.data.feature_cache import cache_applies
 from svlm.data.formats import BadSamples, check_bad_fraction
+from svlm.data.packing import PackingCollator
 from svlm.data.sampler import EpochSampler
 from svlm.data.source import load_splits, train_files
 from svlm.data.streaming import DeviceLoader, StreamingChatDataset
 from svlm.evaluation.evaluate import shard
 from svlm.memory import CONTEXT_GIB, choose_optimizer
 from svlm.model_folder import load_model, model_key
+from svlm.models.language_model import packed_kernel
 from svlm.models.lora import ADAPTERS, is_adapter, load_adapters
 from svlm.models.pretrained import eos_ids, pretrained_lm
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint
@@ -154,6 +156,9 @@ def prepare(cfg, stage, accelerator, init, root, stop, resume) -> StageRun:
         check_bad_fraction(bad, len(train_ds) + (len(val_ds) if val_ds else 0), cfg.data.max_bad_fraction)
     micro, accum, total = batch_plan(cfg, stage, accelerator.num_processes, len(train_ds))
     sampler, loader, val_loader = make_loaders(cfg, stage, accelerator, train_ds, val_ds, encoder.pad_id, micro)
+    if cfg.data.packing:
+        accelerator.print(f"[{stage.name}] packing: each micro-batch's samples share rows of up to data.max_len="
+                          f"{cfg.data.max_len} tokens; attention: {packed_kernel(accelerator.device)}")  # fmt: skip
     state = load_trainer_state(resume) if resume is not None else None
     unsupported = (
         "data.streaming=true" if cfg.data.streaming else "model.vision.tiles" if cfg.model.vision.tiles else None
@@ -267,6 +272,9 @@ def make_loaders(cfg, stage, accelerator, train_ds, val_ds, pad_id: int, micro: 
     """(sampler, training loader, validation loader or None); each process
     validates its own shard, and validate() adds the sums up."""
     collate = Collator(pad_id)
+    train_collate = (
+        PackingCollator(pad_id, cfg.data.max_len) if cfg.data.packing else collate
+    )  # validation: a row a sample
     workers = cfg.hardware.num_workers
     # Each loader seeds its workers from its own generator: starting an epoch (as a resume does
     # mid-epoch) takes nothing from the global RNG, which dropout (LoRA's) draws from.
@@ -278,7 +286,8 @@ def make_loaders(cfg, stage, accelerator, train_ds, val_ds, pad_id: int, micro: 
     if isinstance(train_ds, StreamingChatDataset):  # the stream is its own sampler (start_at, set_epoch)
         train_ds.shard_for(accelerator.process_index, accelerator.num_processes, workers, micro, cfg.seed,
                            cfg.data.shuffle, cfg.data.shuffle_buffer)  # fmt: skip
-        loader = DataLoader(train_ds, batch_size=micro, collate_fn=collate, num_workers=workers, generator=own())
+        loader = DataLoader(train_ds, batch_size=micro, collate_fn=train_collate, num_workers=workers,
+                            generator=own())  # fmt: skip
         return train_ds, DeviceLoader(loader, accelerator.device), val_loader
     mixed = isinstance(train_ds, MixedDataset)
     lengths = train_ds.lengths() if cfg.data.group_by_length and isinstance(train_ds, ChatDataset) else None
@@ -286,7 +295,7 @@ def make_loaders(cfg, stage, accelerator, train_ds, val_ds, pad_id: int, micro: 
         len(train_ds), cfg.seed, cfg.data.shuffle, *((train_ds.sizes, train_ds.weights) if mixed else (None, None)),
         lengths=lengths, group=stage.batch_size, window=cfg.data.group_window,
     )  # fmt: skip
-    loader = DataLoader(train_ds, batch_size=micro, sampler=sampler, collate_fn=collate, num_workers=workers,
+    loader = DataLoader(train_ds, batch_size=micro, sampler=sampler, collate_fn=train_collate, num_workers=workers,
                         drop_last=len(train_ds) >= micro, generator=own())  # fmt: skip
     return sampler, loader, val_loader
 

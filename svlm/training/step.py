@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 
 from svlm.hardware import to_device
+from svlm.models.language_model import Packing, packed_kernel
 
 
 def skips_on_device(optimizer) -> bool:
@@ -26,6 +27,15 @@ def skips_on_device(optimizer) -> bool:
 
     inner = optimizer.optimizer if isinstance(optimizer, AcceleratedOptimizer) else optimizer
     return isinstance(inner, OffloadAdamW) or bool(getattr(inner, "defaults", {}).get("fused", False))
+
+
+def packed_inputs(batch: dict, device: torch.device) -> dict:
+    """A packed batch's positions and Packing (svlm/data/packing.py), for the
+    model's forward; nothing for a batch of one sample a row."""
+    if "segments" not in batch:
+        return {}
+    packing = Packing.make(batch["segments"], batch["cu_seqlens"], batch["max_seqlen"], packed_kernel(device))
+    return {"positions": batch["positions"], "packing": packing}
 
 
 def train_step(
@@ -54,7 +64,8 @@ def train_step(
         with accelerator.no_sync(model) if not sync else nullcontext():
             with phase("forward"), accelerator.autocast():
                 out = model(batch["input_ids"], batch["pixel_values"], batch["labels"],
-                            vision_features=batch.get("vision_features"), target_index=batch["target_index"])  # fmt: skip
+                            vision_features=batch.get("vision_features"), target_index=batch["target_index"],
+                            **packed_inputs(batch, accelerator.device))  # fmt: skip
             # DDP averages gradients over processes: scale by `world` to get the global token mean.
             loss = out.ce_loss * out.n_tokens * (world / step_tokens) + (out.loss - out.ce_loss) / accum
             with phase("backward"):
