@@ -8,6 +8,8 @@
 #    both stages, at 512 tokens a sample, beside the planner's estimate.
 # 2. model=base stage 2 at a full batch (hardware=auto: one micro-batch of 32 x
 #    512 tokens, bf16 autocast, fused AdamW), eager and with hardware.compile=true.
+# 3. The packed-row attention kernels (flex_attention; flash_attn_varlen_func where
+#    flash-attn is installed) against SDPA with the block mask (tests/test_packing.py).
 # Every row: tokens/s and MFU against a bf16 matmul peak measured in the same run.
 # The two full-batch rows are profiled too: where the GPU's time goes is printed
 # after the table (profile.txt and trace.json in each run's folder).
@@ -27,6 +29,10 @@ from transformers import Dinov2Config
 Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, patch_size=14,
              image_size=518).save_pretrained(sys.argv[1])
 EOF
+
+timeout 300 python -m pytest -q tests/test_packing.py -k gpu_kernels -rs > "$out/packing_kernels.log" 2>&1 ||
+    echo "packing kernels: failed (see $out/packing_kernels.log)"
+tail -3 "$out/packing_kernels.log"
 
 common=(model.vision.path="$out/dinov2-base" bench.data=false bench.gen_tokens=0 bench.warmup=1 bench.steps=3
         bench.rounds=1)

@@ -156,3 +156,20 @@ def test_training_with_packing(make_train_cfg, capsys):
     rows = [json.loads(line) for line in (Path(cfg.paths.run_dir) / "stage1" / "metrics.jsonl").open()]
     train_rows = [r for r in rows if "train/loss" in r]
     assert train_rows and all(r["train/loss"] == r["train/loss"] for r in train_rows)  # finite, logged
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (benchmarks/gpu_check.sh runs it there)")
+@pytest.mark.parametrize("kernel", ["flex", "flash_varlen"])
+def test_gpu_kernels_match_the_mask(setup, kernel):
+    """On a GPU, in bf16: the kernel packed_kernel picks gives SDPA's block-mask answer."""
+    if kernel == "flash_varlen":
+        pytest.importorskip("flash_attn", reason="flash-attn is not installed: pip install flash-attn")
+    model, encoder, items = setup()
+    batch = PackingCollator(encoder.pad_id, row_len=400)(items[:5])
+    segments = batch["segments"].cuda()
+    B, T = segments.shape
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, 4, T, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    want = Packing.make(segments, None, 0, "sdpa").attend(q, k[:, :2], v[:, :2], 0.0)
+    got = Packing.make(segments, batch["cu_seqlens"], batch["max_seqlen"], kernel).attend(q, k[:, :2], v[:, :2], 0.0)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
