@@ -320,12 +320,15 @@ class Collator:
             n = len(it["input_ids"])
             ids[b, :n] = torch.tensor(it["input_ids"])
             labels[b, :n] = torch.tensor(it["labels"])
-        pixels = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
-        pixel_values = torch.cat(pixels) if pixels else torch.zeros(0)
-        batch = {"input_ids": ids, "labels": labels, "pixel_values": pixel_values}
         # Where the loss needs logits (positions followed by a supervised token), found
         # here on the CPU: the training step then never asks the GPU how many there are.
-        batch["target_index"] = target_positions(labels)
+        return self.finish({"input_ids": ids, "labels": labels, "target_index": target_positions(labels)}, items, bad)
+
+    @staticmethod
+    def finish(batch: dict, items: list[dict], bad: list) -> dict:
+        """Add the items' pictures (or cached features), in their order, and the bad samples a worker found."""
+        pixels = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
+        batch["pixel_values"] = torch.cat(pixels) if pixels else torch.zeros(0)
         features = [it["vision_features"] for it in items if it.get("vision_features") is not None]
         if features:
             batch["vision_features"] = torch.cat(features)

@@ -103,15 +103,8 @@ class PackingCollator(Collator):
             if at < T:
                 spans.append(T - at)  # the row's padding, a sequence of its own
                 positions[r, at:] = torch.arange(T - at)
-        pixels = [it["pixel_values"] for it in ordered if it["pixel_values"] is not None]
         batch = {"input_ids": ids, "labels": labels, "positions": positions, "segments": segments,
-                 "pixel_values": torch.cat(pixels) if pixels else torch.zeros(0),
                  "target_index": target_positions(labels), "n_samples": len(items),
                  "cu_seqlens": torch.tensor([0, *spans], dtype=torch.int32).cumsum(0, dtype=torch.int32),
                  "max_seqlen": max(spans)}  # fmt: skip
-        features = [it["vision_features"] for it in ordered if it.get("vision_features") is not None]
-        if features:
-            batch["vision_features"] = torch.cat(features)
-        if bad:
-            batch["bad_samples"] = bad
-        return batch
+        return self.finish(batch, ordered, bad)  # the pictures in the order of their slots
