@@ -11,7 +11,8 @@ from PIL import Image
 from svlm.config import load_train_config
 from svlm.data.chat import ChatEncoder
 from svlm.inference.generation import Batch, Sampling, Stream, decoding_layout, generate
-from svlm.models.language_model import KVCache, LanguageModel, LMConfig
+from svlm.models.kv_cache import KVCache
+from svlm.models.language_model import LanguageModel, LMConfig
 from svlm.models.vision import ImageProcessor
 from svlm.training.prepare import build_model
 

@@ -3,7 +3,8 @@ import itertools
 import pytest
 import torch
 
-from svlm.models.language_model import KVCache, LanguageModel, LMConfig
+from svlm.models.kv_cache import KVCache
+from svlm.models.language_model import LanguageModel, LMConfig
 
 VOCAB = 50
 

@@ -17,7 +17,7 @@ from svlm.data.dataset import Collator
 from svlm.data.formats import BadSamples
 from svlm.data.packing import PackingCollator, pack_rows, padding_share
 from svlm.data.source import data_root, load_splits
-from svlm.models.language_model import Packing
+from svlm.models.packed_attention import Packing
 from svlm.models.vision import ImageProcessor
 from svlm.training.prepare import build_model
 from svlm.training.step import packed_inputs

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from svlm.errors import ConfigError
-from svlm.models.language_model import KVCache
+from svlm.models.kv_cache import KVCache
 from svlm.models.pretrained import from_pretrained, lm_config
 
 SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -20,7 +20,7 @@ from svlm.evaluation.evaluate import evaluate
 from svlm.inference.ask import ask
 from svlm.inference.generation import generate
 from svlm.model_folder import load_model, resolve_model, save_model
-from svlm.models.language_model import KVCache
+from svlm.models.kv_cache import KVCache
 from svlm.models.vision import ImageProcessor
 from svlm.training.loop import train
 from svlm.training.prepare import build_model

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from svlm.models.language_model import KVCache
+from svlm.models.kv_cache import KVCache
 from svlm.models.vlm import VLM
 
 

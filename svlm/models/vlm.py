@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from svlm.models.language_model import KVCache, LanguageModel, LMConfig, Packing
+from svlm.models.kv_cache import KVCache
+from svlm.models.language_model import LanguageModel, LMConfig
+from svlm.models.packed_attention import Packing
 from svlm.models.projector import ProjectorConfig, build_projector
 from svlm.models.vision import VisionConfig, VisionEncoder
 

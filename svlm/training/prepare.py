@@ -38,8 +38,8 @@ from svlm.data.streaming import DeviceLoader, StreamingChatDataset
 from svlm.evaluation.evaluate import shard
 from svlm.memory import CONTEXT_GIB, choose_optimizer
 from svlm.model_folder import load_model, model_key
-from svlm.models.language_model import packed_kernel
 from svlm.models.lora import ADAPTERS, is_adapter, load_adapters
+from svlm.models.packed_attention import packed_kernel
 from svlm.models.pretrained import eos_ids, pretrained_lm
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint
 from svlm.models.vlm import VLM, VLMConfig

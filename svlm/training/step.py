@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 
 from svlm.hardware import to_device
-from svlm.models.language_model import Packing, packed_kernel
+from svlm.models.packed_attention import Packing, packed_kernel
 
 
 def skips_on_device(optimizer) -> bool:
