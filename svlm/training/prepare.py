@@ -158,7 +158,7 @@ def prepare(cfg, stage, accelerator, init, root, stop, resume) -> StageRun:
     sampler, loader, val_loader = make_loaders(cfg, stage, accelerator, train_ds, val_ds, encoder.pad_id, micro)
     if cfg.data.packing:
         accelerator.print(f"[{stage.name}] packing: each micro-batch's samples share rows of up to data.max_len="
-                          f"{cfg.data.max_len} tokens; attention: {packed_kernel(accelerator.device)}")  # fmt: skip
+                          f"{cfg.data.max_len} tokens; attention: {packed_kernel(accelerator.device, cfg.data.max_len)}")  # fmt: skip
     state = load_trainer_state(resume) if resume is not None else None
     unsupported = (
         "data.streaming=true" if cfg.data.streaming else "model.vision.tiles" if cfg.model.vision.tiles else None

@@ -34,7 +34,8 @@ def packed_inputs(batch: dict, device: torch.device) -> dict:
     model's forward; nothing for a batch of one sample a row."""
     if "segments" not in batch:
         return {}
-    packing = Packing.make(batch["segments"], batch["cu_seqlens"], batch["max_seqlen"], packed_kernel(device))
+    kernel = packed_kernel(device, batch["segments"].shape[1])
+    packing = Packing.make(batch["segments"], batch["cu_seqlens"], batch["max_seqlen"], kernel)
     return {"positions": batch["positions"], "packing": packing}
 
 
