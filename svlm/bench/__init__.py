@@ -193,8 +193,8 @@ def profile_steps(steps: Stepper, micro_batches: list[dict], device, folder: Pat
 @torch.no_grad()
 def generation_speed(model: VLM, device, new_tokens: int) -> dict:
     """Batch-1 tokens/s with and without the KV cache, the weights laid out as
-    the inference commands lay them (decoding_layout: after the training
-    figures, which it would change)."""
+    the inference commands lay them (decoding_layout: so it runs after every
+    training figure)."""
     from svlm.inference.generation import decoding_layout, generate
 
     model.eval()
@@ -262,19 +262,16 @@ def padding_shares(cfg, ds, batch: int, micro: int) -> dict:
     """Pad tokens / batch tokens over one epoch of the configured training data,
     in micro-batches of `micro`: each padded to its longest sample, and packed
     into rows of data.max_len (svlm/data/packing.py) padded to the longest row."""
-    from svlm.data.packing import pack_rows
+    from svlm.data.packing import pack_rows, row_tokens
 
     lengths = ds.lengths()
-    pad = total = packed_pad = packed_total = 0
+    real = total = packed_total = 0
     for chunk in epoch_micro_batches(cfg, ds, batch, micro):
         sizes = [lengths[i] for i in chunk]
-        pad += max(sizes) * len(sizes) - sum(sizes)
+        real += sum(sizes)
         total += max(sizes) * len(sizes)
-        rows = pack_rows(sizes, cfg.data.max_len)
-        width = max(sum(sizes[i] for i in row) for row in rows)
-        packed_pad += width * len(rows) - sum(sizes)
-        packed_total += width * len(rows)
-    return {"unpacked": pad / total, "packed": packed_pad / packed_total,
+        packed_total += row_tokens(sizes, pack_rows(sizes, cfg.data.max_len))
+    return {"unpacked": 1 - real / total, "packed": 1 - real / packed_total,
             "sample_tokens": [min(lengths), statistics.median(lengths), max(lengths)]}  # fmt: skip
 
 
@@ -415,8 +412,6 @@ def run(cfg, bench: BenchConfig) -> dict:
         results["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
     else:
         results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    if bench.gen_tokens:
-        results["generation_tokens_per_s"] = generation_speed(model, device, bench.gen_tokens)
     if bench.size is None and bench.data:
         results["data_images_per_s"] = data_pipeline_speed(cfg, model, bench.data_images)
         ds, encoder = training_data(cfg, model)
@@ -426,4 +421,6 @@ def run(cfg, bench: BenchConfig) -> dict:
                 model.train()
                 results["data_steps"] = data_step_speed(cfg, steps, ds, encoder, batch_size, micro, bench.data_steps,
                                                         device)  # fmt: skip
+    if bench.gen_tokens:  # last: it lays the weights out for decoding, which training steps do not want
+        results["generation_tokens_per_s"] = generation_speed(model, device, bench.gen_tokens)
     return results

@@ -63,10 +63,14 @@ def fill_evenly(order: list[int], lengths: list[int], row_len: int, k: int) -> l
     return [r for r in rows if r]
 
 
+def row_tokens(lengths: list[int], rows: list[list[int]]) -> int:
+    """Tokens of the rows, padding included, each padded to the longest."""
+    return max(sum(lengths[i] for i in row) for row in rows) * len(rows)
+
+
 def padding_share(lengths: list[int], rows: list[list[int]]) -> float:
     """Pad tokens / row tokens when the rows are padded to the longest."""
-    T = max(sum(lengths[i] for i in row) for row in rows)
-    return 1 - sum(lengths) / (T * len(rows))
+    return 1 - sum(lengths) / row_tokens(lengths, rows)
 
 
 class PackingCollator(Collator):

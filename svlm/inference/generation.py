@@ -97,6 +97,15 @@ class Stream:
     ids: list[int] = field(default_factory=list)
     finish: str | None = None  # "stop" (a stop id), "length" (budget or context), "cancelled"
 
+    def fit(self, context: int) -> None:
+        """Cut the budget to the room the model's context leaves (finished
+        at once when there is none); a ValueError when the prompt overflows it."""
+        if len(self.prompt) > context:
+            raise ValueError(f"a prompt of {len(self.prompt)} tokens is longer than model.lm.max_seq_len={context}")
+        self.max_new_tokens = min(self.max_new_tokens, context - len(self.prompt))
+        if self.max_new_tokens < 1:
+            self.finish = "length"
+
     def take(self, token: int) -> None:
         """Record the token just picked; finished at a stop id or the budget."""
         if token in self.stop_ids:
@@ -134,13 +143,8 @@ class Batch:
     def add(self, streams: Sequence[Stream]) -> list[Stream]:
         """Prefill `streams` together (right-padded to the longest), pick their
         first tokens and join them to the batch; returns those already done."""
-        context = self.model.cfg.lm.max_seq_len
         for s in streams:
-            if len(s.prompt) > context:
-                raise ValueError(f"a prompt of {len(s.prompt)} tokens is longer than model.lm.max_seq_len={context}")
-            s.max_new_tokens = min(s.max_new_tokens, context - len(s.prompt))
-            if s.max_new_tokens < 1:
-                s.finish = "length"
+            s.fit(self.model.cfg.lm.max_seq_len)
         streams = [s for s in streams if s.finish is None]
         if not streams:
             return []
@@ -254,10 +258,11 @@ def generate(
 
 def decode_without_cache(model: VLM, s: Stream) -> None:
     """The reference path: every step runs the whole sequence again."""
-    s.max_new_tokens = min(s.max_new_tokens, model.cfg.lm.max_seq_len - len(s.prompt))
-    pixels = None if s.pixel_values is None else s.pixel_values.to(next(model.parameters()).device)
+    s.fit(model.cfg.lm.max_seq_len)
+    device = next(model.parameters()).device
+    pixels = None if s.pixel_values is None else s.pixel_values.to(device)
     while s.finish is None:
-        seq = torch.tensor([s.prompt + s.ids], device=next(model.parameters()).device)
+        seq = torch.tensor([s.prompt + s.ids], device=device)
         s.take(choose(model(seq, pixels).logits[:, -1], [s])[0])
 
 

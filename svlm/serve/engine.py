@@ -181,7 +181,7 @@ class Engine:
                     self.batch.cancel(stream)
                     self._complete([stream])
             if len(self.batch):
-                self._run(self.batch.step, list(self.batch.streams))
+                self._run(self.batch.step, list(self.batch.streams), step=True)
                 self.steps += 1
         for stream in list(self.batch.streams):
             self.batch.cancel(stream)
@@ -225,16 +225,18 @@ class Engine:
         self._jobs[stream] = job
         return stream
 
-    def _run(self, work: Callable[[], list[Stream]], streams: list[Stream]) -> None:
-        """A prefill or a decode step; a failure fails the requests it touched
-        (and, for a step, leaves an empty batch), never the worker."""
+    def _run(self, work: Callable[[], list[Stream]], streams: list[Stream], step: bool = False) -> None:
+        """A prefill or (step) a decode step; a failure fails the requests it
+        touched, and a failed step leaves an empty batch (its cache may be half
+        written); the worker goes on."""
         try:
             with torch.no_grad(), autocast_for(self.hardware, self.device):
                 self._complete(work())
         except Exception as e:
             log.exception("generation failed")
             error = e if isinstance(e, APIError) else APIError(500, f"generation failed: {e}", "server_error")
-            self.batch = Batch(self.model) if any(s in self.batch.streams for s in streams) else self.batch
+            if step:
+                self.batch = Batch(self.model)
             for s in streams:
                 if s in self._jobs:
                     self._fail(self._jobs.pop(s), error)
