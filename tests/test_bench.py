@@ -54,7 +54,7 @@ def test_bench_runs_and_writes_figures(tmp_path, cache_dir, shapes_root, capsys)
         assert key in figures
     assert 0 < figures["rounds"]["1"]["mfu"] < 1.5 and "MFU" in out and "KV cache" in out
     shares, data = figures["padding_share"], figures["data_steps"]
-    assert 0 <= shares["packed"] <= shares["unpacked"] < 1 and "packed (data.packing)" in out
+    assert 0 <= shares["packed"] <= shares["unpacked"] < 1 and "(data.packing)" in out
     assert (
         data["packed"]["samples"] == data["unpacked"]["samples"] and data["packed"]["rows"] < data["unpacked"]["rows"]
     )

@@ -15,9 +15,10 @@ from svlm.config import load_train_config
 from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.dataset import Collator
 from svlm.data.formats import BadSamples
-from svlm.data.packing import PackingCollator, pack_rows, padding_share
+from svlm.data.packing import PackingCollator, layout, pack_rows, padding_share
 from svlm.data.source import data_root, load_splits
-from svlm.models.packed_attention import Packing
+from svlm.models import packed_attention
+from svlm.models.packed_attention import Packing, end_to_end
 from svlm.models.vision import ImageProcessor
 from svlm.training.prepare import build_model
 from svlm.training.step import packed_inputs
@@ -67,14 +68,21 @@ def per_sample_ce(model, batch, packed: bool) -> tuple[list[torch.Tensor], torch
     return [ce[key == k].sum() for k in torch.unique(key)], ce.sum()
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["rows-mask", "end-to-end-spans"])
 @pytest.mark.parametrize(
     "variant", [[], ["model.lm.pos=learned", "model.lm.n_kv_heads=2"]], ids=["rope", "learned-gqa"]
 )
-def test_packed_batch_equals_samples_one_by_one(setup, variant):
+def test_packed_batch_equals_samples_one_by_one(setup, variant, flat, monkeypatch):
     model, encoder, items = setup(*variant)
-    collate = PackingCollator(encoder.pad_id, row_len=max(len(it["input_ids"]) for it in items) * 3)
+    collate = PackingCollator(encoder.pad_id, row_len=max(len(it["input_ids"]) for it in items) * 3, flat=flat)
     batch = collate(items)
-    assert batch["input_ids"].shape[0] < len(items)  # several samples a row
+    assert 1 <= batch["input_ids"].shape[0] < len(items)  # several samples a row
+    if flat:  # one row of every sample: attention a sample's span at a time
+        monkeypatch.setattr(packed_attention, "SPANS_FROM", 0)
+        assert (
+            batch["input_ids"].shape[0] == 1
+            and packed_inputs(batch, torch.device("cpu"))["packing"].kernel == "sdpa_spans"
+        )
     placed = order_of(batch, items)  # the order the collator placed them in: row by row, left to right
     losses, total = per_sample_ce(model, batch, packed=True)
     model.zero_grad()
@@ -127,6 +135,22 @@ def test_collator_rows(setup):
     assert sum(spans) == B * T and batch["max_seqlen"] == max(spans)
 
 
+def test_end_to_end_row(setup):
+    model, encoder, items = setup()
+    lengths = [len(it["input_ids"]) for it in items]
+    batch = PackingCollator(encoder.pad_id, row_len=max(lengths), flat=True)(items)
+    assert batch["input_ids"].shape == (1, sum(lengths)) and (batch["segments"] > 0).all()  # no padding
+    assert order_of(batch, items) == list(range(len(items)))  # in the sampler's order
+    assert batch["cu_seqlens"].diff().tolist() == lengths and batch["max_seqlen"] == max(lengths)
+    assert batch["positions"][0].tolist() == [p for n in lengths for p in range(n)]
+    assert torch.equal(batch["pixel_values"], torch.cat([it["pixel_values"] for it in items]))
+    with pytest.raises(ValueError, match="longer than data.max_len=100"):
+        layout([50, 101], 100, flat=True)
+    # on the CPU: the mask's rows up to SPANS_FROM, spans (end to end) above
+    cpu = torch.device("cpu")
+    assert not end_to_end(cpu, packed_attention.SPANS_FROM) and end_to_end(cpu, packed_attention.SPANS_FROM + 1)
+
+
 def test_packed_kernels_match_the_mask(setup):
     """Each sample's span on the CPU, and the GPU's kernels where this machine
     can run them (flex_attention on the CPU), against SDPA with the block mask."""
@@ -147,12 +171,15 @@ def test_packed_kernels_match_the_mask(setup):
     torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=1e-5)
 
 
-def test_training_with_packing(make_train_cfg, capsys):
+@pytest.mark.parametrize("spans_from", [1024, 64], ids=["rows", "end-to-end"])
+def test_training_with_packing(make_train_cfg, capsys, monkeypatch, spans_from):
     from svlm.training.loop import train
 
+    monkeypatch.setattr(packed_attention, "SPANS_FROM", spans_from)  # 64: the spans kernel, samples end to end
     cfg = make_train_cfg("data.packing=true", stage="stage1", steps=4)
     train(cfg)
-    assert "packing: each micro-batch's samples share rows" in capsys.readouterr().out
+    layout = "share rows" if spans_from == 1024 else "go end to end in one row"
+    assert f"packing: each micro-batch's samples {layout}" in capsys.readouterr().out
     rows = [json.loads(line) for line in (Path(cfg.paths.run_dir) / "stage1" / "metrics.jsonl").open()]
     train_rows = [r for r in rows if "train/loss" in r]
     assert train_rows and all(r["train/loss"] == r["train/loss"] for r in train_rows)  # finite, logged

@@ -48,6 +48,7 @@ import torch
 from svlm.config import ConfigError
 from svlm.flops import step_flops
 from svlm.hardware import make_accelerator
+from svlm.models.packed_attention import end_to_end
 from svlm.models.vlm import IGNORE_INDEX, VLM, VLMConfig, target_positions
 from svlm.training.step import skips_on_device, train_step
 
@@ -258,11 +259,12 @@ def epoch_micro_batches(cfg, ds, batch: int, micro: int) -> list[list[int]]:
     return [order[i : i + micro] for i in range(0, len(order), micro)]
 
 
-def padding_shares(cfg, ds, batch: int, micro: int) -> dict:
+def padding_shares(cfg, ds, batch: int, micro: int, flat: bool) -> dict:
     """Pad tokens / batch tokens over one epoch of the configured training data,
     in micro-batches of `micro`: each padded to its longest sample, and packed
-    into rows of data.max_len (svlm/data/packing.py) padded to the longest row."""
-    from svlm.data.packing import pack_rows, row_tokens
+    as training packs them on this device (svlm/data/packing.py, `layout`:
+    rows of data.max_len padded to the longest row, or end to end when `flat`)."""
+    from svlm.data.packing import layout, row_tokens
 
     lengths = ds.lengths()
     real = total = packed_total = 0
@@ -270,12 +272,12 @@ def padding_shares(cfg, ds, batch: int, micro: int) -> dict:
         sizes = [lengths[i] for i in chunk]
         real += sum(sizes)
         total += max(sizes) * len(sizes)
-        packed_total += row_tokens(sizes, pack_rows(sizes, cfg.data.max_len))
-    return {"unpacked": 1 - real / total, "packed": 1 - real / packed_total,
+        packed_total += row_tokens(sizes, layout(sizes, cfg.data.max_len, flat))
+    return {"unpacked": 1 - real / total, "packed": 1 - real / packed_total, "end_to_end": flat,
             "sample_tokens": [min(lengths), statistics.median(lengths), max(lengths)]}  # fmt: skip
 
 
-def data_step_speed(cfg, steps: Stepper, ds, encoder, batch: int, micro: int, n: int, device) -> dict:
+def data_step_speed(cfg, steps: Stepper, ds, encoder, batch: int, micro: int, n: int, device, flat: bool) -> dict:
     """samples/s of `n` training steps on the configured data's first batches,
     unpacked (a row a sample) and packed: the same samples both ways. Token ids
     are mapped into the bench model's vocabulary (the speed does not depend on them)."""
@@ -288,7 +290,7 @@ def data_step_speed(cfg, steps: Stepper, ds, encoder, batch: int, micro: int, n:
     result = {}
     for name, collate in (
         ("unpacked", Collator(encoder.pad_id)),
-        ("packed", PackingCollator(encoder.pad_id, cfg.data.max_len)),
+        ("packed", PackingCollator(encoder.pad_id, cfg.data.max_len, flat)),
     ):
         micro_batches = []
         for group in items:
@@ -416,11 +418,12 @@ def run(cfg, bench: BenchConfig) -> dict:
         results["data_images_per_s"] = data_pipeline_speed(cfg, model, bench.data_images)
         ds, encoder = training_data(cfg, model)
         if hasattr(ds, "lengths"):  # a data set read whole (a stream has no lengths ahead)
-            results["padding_share"] = padding_shares(cfg, ds, batch_size, micro)
+            flat = end_to_end(device, cfg.data.max_len)
+            results["padding_share"] = padding_shares(cfg, ds, batch_size, micro, flat)
             if bench.data_steps:
                 model.train()
                 results["data_steps"] = data_step_speed(cfg, steps, ds, encoder, batch_size, micro, bench.data_steps,
-                                                        device)  # fmt: skip
+                                                        device, flat)  # fmt: skip
     if bench.gen_tokens:  # last: it lays the weights out for decoding, which training steps do not want
         results["generation_tokens_per_s"] = generation_speed(model, device, bench.gen_tokens)
     return results

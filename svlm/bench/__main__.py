@@ -35,7 +35,9 @@ def print_table(r: dict) -> None:
     if "padding_share" in r:
         p = r["padding_share"]
         low, mid, high = p["sample_tokens"]
-        print(f"  padding: {p['unpacked']:.1%} of batch tokens a row a sample, {p['packed']:.1%} packed (data.packing); "
+        packed = "end to end" if p["end_to_end"] else "in rows of data.max_len"
+        print(f"  padding: {p['unpacked']:.1%} of batch tokens a row a sample, {p['packed']:.1%} packed {packed} "
+              f"(data.packing); "
               f"samples of {low} to {high} tokens (median {mid:.0f})")  # fmt: skip
     for name, d in r.get("data_steps", {}).items():
         print(f"  training on the data, {name}: {d['samples_per_s']:.2f} samples/s ({d['samples']} samples in "

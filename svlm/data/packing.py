@@ -1,5 +1,8 @@
 """Packing (data.packing=true): a micro-batch's samples share rows of at most
-data.max_len tokens, instead of one row each padded to the longest.
+data.max_len tokens, instead of one row each padded to the longest. Where
+the attention kernel reads the rows as one flattened sequence anyway
+(per-sample spans on the CPU, FlashAttention's varlen kernel), the samples
+go end to end in a single row, with no padding at all (`end_to_end`).
 
 Each sample keeps its own positions (from 0) and sees only its own tokens:
 the collator gives every row `segments` (which sample each token belongs to,
@@ -23,6 +26,16 @@ import torch
 from svlm.data.chat import IGNORE
 from svlm.data.dataset import Collator
 from svlm.models.vlm import target_positions
+
+
+def layout(lengths: list[int], row_len: int, flat: bool) -> list[list[int]]:
+    """Sample indices of each row: all in one row, in order, when `flat`
+    (each sample still at most row_len tokens), else `pack_rows`."""
+    if flat:
+        if any(n > row_len for n in lengths):
+            raise ValueError(f"a sample of {max(lengths)} tokens is longer than data.max_len={row_len}")
+        return [list(range(len(lengths)))]
+    return pack_rows(lengths, row_len)
 
 
 def pack_rows(lengths: list[int], row_len: int) -> list[list[int]]:
@@ -74,19 +87,19 @@ def padding_share(lengths: list[int], rows: list[list[int]]) -> float:
 
 
 class PackingCollator(Collator):
-    """Collator of packed rows: input_ids, labels, positions and segments
-    (rows, T), T the longest row; cu_seqlens and max_seqlen (each sample and
+    """Collator of packed rows (`layout`; one row when `flat`): input_ids,
+    labels, positions and segments (rows, T), T the longest row; cu_seqlens and max_seqlen (each sample and
     each row's padding as one sequence of the flattened rows, for a
     variable-length kernel); n_samples; the pictures in slot order."""
 
-    def __init__(self, pad_id: int, row_len: int) -> None:
+    def __init__(self, pad_id: int, row_len: int, flat: bool = False) -> None:
         super().__init__(pad_id)
-        self.row_len = row_len
+        self.row_len, self.flat = row_len, flat
 
     def __call__(self, items: list[dict | None]) -> dict[str, torch.Tensor]:
         bad = [(it["bad"], it["fatal"]) for it in items if it is not None and "bad" in it]
         items = [it for it in items if it is not None and "bad" not in it]
-        rows = pack_rows([len(it["input_ids"]) for it in items], self.row_len) if items else [[]]
+        rows = layout([len(it["input_ids"]) for it in items], self.row_len, self.flat) if items else [[]]
         T = max(max(sum(len(items[i]["input_ids"]) for i in row) for row in rows), 1)
         ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)

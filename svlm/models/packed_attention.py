@@ -33,6 +33,16 @@ def packed_kernel(device: torch.device, row_len: int) -> str:
     return "flash_varlen"
 
 
+def end_to_end(device: torch.device, row_len: int) -> bool:
+    """Whether a micro-batch's packed samples go end to end in one row
+    (svlm/data/packing.py, `layout`): so where the kernel for rows of
+    `row_len` reads the rows as one flattened sequence (per-sample spans,
+    FlashAttention's varlen kernel), for which rows only add padding to
+    compute. The mask kernels (SDPA's block-diagonal mask, flex's block mask)
+    keep rows of at most row_len, their cost and shapes bounded by it."""
+    return packed_kernel(device, row_len) in ("sdpa_spans", "flash_varlen")
+
+
 @dataclass
 class Packing:
     """Rows holding several samples (svlm/data/packing.py): a token sees the

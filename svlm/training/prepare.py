@@ -39,7 +39,7 @@ from svlm.evaluation.evaluate import shard
 from svlm.memory import CONTEXT_GIB, choose_optimizer
 from svlm.model_folder import load_model, model_key
 from svlm.models.lora import ADAPTERS, is_adapter, load_adapters
-from svlm.models.packed_attention import packed_kernel
+from svlm.models.packed_attention import end_to_end, packed_kernel
 from svlm.models.pretrained import eos_ids, pretrained_lm
 from svlm.models.vision import ImageProcessor, sync_with_checkpoint
 from svlm.models.vlm import VLM, VLMConfig
@@ -157,8 +157,10 @@ def prepare(cfg, stage, accelerator, init, root, stop, resume) -> StageRun:
     micro, accum, total = batch_plan(cfg, stage, accelerator.num_processes, len(train_ds))
     sampler, loader, val_loader = make_loaders(cfg, stage, accelerator, train_ds, val_ds, encoder.pad_id, micro)
     if cfg.data.packing:
-        accelerator.print(f"[{stage.name}] packing: each micro-batch's samples share rows of up to data.max_len="
-                          f"{cfg.data.max_len} tokens; attention: {packed_kernel(accelerator.device, cfg.data.max_len)}")  # fmt: skip
+        device, n = accelerator.device, cfg.data.max_len
+        layout = "go end to end in one row (no padding)" if end_to_end(device, n) else "share rows"
+        accelerator.print(f"[{stage.name}] packing: each micro-batch's samples {layout}, each sample at most "
+                          f"data.max_len={n} tokens; attention: {packed_kernel(device, n)}")  # fmt: skip
     state = load_trainer_state(resume) if resume is not None else None
     unsupported = (
         "data.streaming=true" if cfg.data.streaming else "model.vision.tiles" if cfg.model.vision.tiles else None
@@ -272,9 +274,10 @@ def make_loaders(cfg, stage, accelerator, train_ds, val_ds, pad_id: int, micro: 
     """(sampler, training loader, validation loader or None); each process
     validates its own shard, and validate() adds the sums up."""
     collate = Collator(pad_id)
+    flat = end_to_end(accelerator.device, cfg.data.max_len)
     train_collate = (
-        PackingCollator(pad_id, cfg.data.max_len) if cfg.data.packing else collate
-    )  # validation: a row a sample
+        PackingCollator(pad_id, cfg.data.max_len, flat) if cfg.data.packing else collate
+    )  # validation: unpacked
     workers = cfg.hardware.num_workers
     # Each loader seeds its workers from its own generator: starting an epoch (as a resume does
     # mid-epoch) takes nothing from the global RNG, which dropout (LoRA's) draws from.
