@@ -148,3 +148,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(mlp):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_rmsnorm_fused_path_is_bit_for_bit_the_written_one():
+    from svlm.models.language_model import RMSNorm
+
+    torch.manual_seed(0)
+    for shape in [(1, 1, 256), (2, 7, 256), (3, 4, 9, 64)]:
+        norm = RMSNorm(shape[-1], eps=1e-6)
+        norm.weight.data = torch.randn(shape[-1])
+        x = torch.randn(shape) * 5
+        written = (x * x.pow(2).mean(-1, keepdim=True).add(norm.eps).rsqrt()) * norm.weight
+        assert torch.equal(norm(x), written)  # fp32: F.rms_norm, the same values

@@ -72,11 +72,11 @@ class KVCache:
         plan = self.plan
         for store, new in ((self.keys[layer], k), (self.values[layer], v)):
             if plan.start is not None:  # every row at the same place: a slice
-                store[:, :, plan.start : plan.start + new.shape[2]] = new
+                store.narrow(2, plan.start, new.shape[2]).copy_(new)
             else:  # (B, T) positions, one per row and token
                 index = plan.positions[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3])
                 store.scatter_(2, index, new)
-        return self.keys[layer][:, :, : plan.limit], self.values[layer][:, :, : plan.limit]
+        return self.keys[layer].narrow(2, 0, plan.limit), self.values[layer].narrow(2, 0, plan.limit)
 
     def absorb(self, other: KVCache) -> None:
         """Append the rows of `other` (prefilled apart) after this cache's rows."""
