@@ -150,6 +150,15 @@ def test_kv_cache_rows_absorb_and_drop():
         step = lm(nxt, cache=cache).logits[:, -1]
     torch.testing.assert_close(step[0], last_logits(torch.cat([c, nxt[:1]], 1)), atol=1e-5, rtol=0)
     torch.testing.assert_close(step[1], last_logits(torch.cat([b, nxt[1:]], 1)), atol=1e-5, rtol=0)
+    with torch.no_grad():  # a row joining takes the retired row's slot: the cache is not copied
+        slots = cache.keys[0]
+        again = KVCache()
+        lm(a, cache=again)
+        cache.absorb(again)  # rows: c, b, a
+        assert cache.keys[0] is slots and cache.lengths == [4, 10, 5]
+        step = lm(torch.tensor([[1], [2], [3]]), cache=cache).logits[:, -1]
+    torch.testing.assert_close(step[0], last_logits(torch.cat([c, nxt[:1], torch.tensor([[1]])], 1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(step[2], last_logits(torch.cat([a, torch.tensor([[3]])], 1)), atol=1e-5, rtol=0)
 
 
 def test_right_padded_prefill_gives_each_row_its_logits():
@@ -169,3 +178,15 @@ def test_right_padded_prefill_gives_each_row_its_logits():
             torch.testing.assert_close(out[r], lm(row[None]).logits[0, -1], atol=1e-5, rtol=0)
             follow = torch.cat([row, torch.tensor([5 + r])])[None]
             torch.testing.assert_close(step[r], lm(follow).logits[0, -1], atol=1e-5, rtol=0)
+
+
+def test_kv_cache_reserves_what_its_rows_need():
+    lm = LanguageModel(LMConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)).eval()
+    cache = KVCache(chunk=16)
+    cache.reserve(7)  # a prompt of 5 and 2 new tokens: no more allocated
+    with torch.no_grad():
+        for ids in (torch.randint(0, 50, (2, 5)), torch.tensor([[1], [2]]), torch.tensor([[3], [4]])):
+            lm(ids, cache=cache)
+        assert cache.capacity == 7 and cache.keys[0].shape == (2, 4, 7, 8)
+        lm(torch.tensor([[5], [6]]), cache=cache)  # past it: grown to a whole chunk
+    assert cache.capacity == 16 and cache.lengths == [8, 8]

@@ -154,6 +154,7 @@ class Batch:
         views = [s.pixel_values for s in streams if s.pixel_values is not None]
         pixels = torch.cat(views).to(self.device) if views else None  # every row's views, in row order
         cache = KVCache()
+        cache.reserve(max(len(s.prompt) + s.max_new_tokens for s in streams))  # all these rows will need
         last = torch.tensor(lengths, device=self.device) - 1  # each row's last prompt token
         logits = self.model(ids, pixels, cache=cache, valid=lengths, logits_at=last).logits  # (B, V)
         for s, token in zip(streams, choose(logits, streams)):

@@ -13,17 +13,21 @@ import torch
 class KVCache:
     """Keys and values of every layer seen so far, for incremental decoding.
 
-    Preallocated: each layer holds (rows, n_kv, capacity, hs), grown by
+    Preallocated: each layer holds (slots, n_kv, capacity, hs), grown by
     `chunk` positions at a time, so a new token is written in place instead
     of copying the cache. Row r holds its first `lengths[r]` positions; rows
     may hold different lengths (a ragged batch: each row's queries sit at
     their own positions and see only their own keys). `absorb` appends rows
     prefilled in another cache, `drop` retires one: a continuously batching
-    server (svlm/serve/engine.py) grows and shrinks its batch that way.
+    server (svlm/serve/engine.py) grows and shrinks its batch that way. The
+    first `rows` of the slots are in use; a dropped row's slot is kept for
+    the next row to join, so joining copies that row only, not the cache.
+    What a slot holds past its row's length is never seen (each query sees
+    its own row's keys up to its own position).
     """
 
     def __init__(self, chunk: int = 256) -> None:
-        self.keys: list[torch.Tensor] = []  # per layer (rows, nkv, capacity, hs)
+        self.keys: list[torch.Tensor] = []  # per layer (slots, nkv, capacity, hs)
         self.values: list[torch.Tensor] = []
         self.lengths: list[int] = []  # per row, kept on the host: no device read to plan a step
         self.chunk = chunk
@@ -42,24 +46,34 @@ class KVCache:
     def begin(self, B: int, T: int, device: torch.device, valid: list[int] | None = None) -> StepPlan:
         """Plan a forward of T new tokens in each of the B rows; row r's tokens
         after its first valid[r] are padding (written, then overwritten later)."""
-        if not self.lengths:
+        if not self.lengths:  # a new cache, or every row retired
             self.lengths = [0] * B
         if B != self.rows:
             raise ValueError(f"the cache holds {self.rows} rows; this input has {B}")
-        self._reserve(self.length + T)
+        self._reserve(self.length + T, B)
         self.plan = StepPlan.make(self.lengths, T, device)
         added = [T] * B if valid is None else valid
         self.lengths = [n + a for n, a in zip(self.lengths, added)]
         return self.plan
 
-    def _reserve(self, need: int) -> None:
-        if need <= self.capacity:
-            return
-        grown = self.chunk * math.ceil(need / self.chunk)
+    def reserve(self, positions: int) -> None:
+        """Room for `positions` positions a row from the start (not rounded up
+        to a chunk): a prefill that knows its rows' budgets allocates no more."""
+        if not self.keys:
+            self.capacity = max(self.capacity, positions)
+        self._reserve(positions)
+
+    def _reserve(self, need: int, slots: int = 0) -> None:
+        """Room for `need` positions and `slots` rows."""
+        grown = self.capacity if need <= self.capacity else self.chunk * math.ceil(need / self.chunk)
         for store in (self.keys, self.values):
             for i, t in enumerate(store):
-                extra = t.new_zeros(t.shape[0], t.shape[1], grown - t.shape[2], t.shape[3])
-                store[i] = torch.cat([t, extra], dim=2)  # (rows, nkv, grown, hs): once a chunk, not once a token
+                more_slots, more = max(slots - t.shape[0], 0), grown - t.shape[2]
+                if more:  # once a chunk, not once a token
+                    t = torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], more, t.shape[3])], dim=2)
+                if more_slots:  # at least doubled: rows joining one by one copy the cache rarely
+                    t = torch.cat([t, t.new_zeros(max(more_slots, t.shape[0]), *t.shape[1:])])
+                store[i] = t  # (slots, nkv, grown, hs)
         self.capacity = grown
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,14 +83,15 @@ class KVCache:
             B, nkv, _, hs = k.shape
             self.keys.append(k.new_zeros(B, nkv, self.capacity, hs))
             self.values.append(v.new_zeros(B, nkv, self.capacity, hs))
-        plan = self.plan
-        for store, new in ((self.keys[layer], k), (self.values[layer], v)):
+        plan, B = self.plan, k.shape[0]
+        keys, values = self.keys[layer].narrow(0, 0, B), self.values[layer].narrow(0, 0, B)  # the rows in use
+        for store, new in ((keys, k), (values, v)):
             if plan.start is not None:  # every row at the same place: a slice
                 store.narrow(2, plan.start, new.shape[2]).copy_(new)
             else:  # (B, T) positions, one per row and token
                 index = plan.positions[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3])
                 store.scatter_(2, index, new)
-        return self.keys[layer].narrow(2, 0, plan.limit), self.values[layer].narrow(2, 0, plan.limit)
+        return keys.narrow(2, 0, plan.limit), values.narrow(2, 0, plan.limit)
 
     def absorb(self, other: KVCache) -> None:
         """Append the rows of `other` (prefilled apart) after this cache's rows."""
@@ -84,24 +99,22 @@ class KVCache:
             self.keys, self.values, self.lengths = other.keys, other.values, list(other.lengths)
             self.capacity = other.capacity
             return
-        self._reserve(max(self.length, other.length))
-        n = other.length
+        self._reserve(max(self.length, other.length), self.rows + other.rows)
+        at, n = self.rows, other.length
         for store, more in ((self.keys, other.keys), (self.values, other.values)):
-            for i, t in enumerate(store):
-                rows = t.new_zeros(more[i].shape[0], t.shape[1], t.shape[2], t.shape[3])
-                rows[:, :, :n] = more[i][:, :, :n]
-                store[i] = torch.cat([t, rows])  # (rows + new rows, nkv, capacity, hs)
+            for t, m in zip(store, more):
+                t[at : at + m.shape[0], :, :n] = m[:, :, :n]  # (new rows, nkv, n, hs) into free slots
         self.lengths += other.lengths
 
     def drop(self, row: int) -> None:
         """Retire one row: the last row takes its place (the caller's order
-        of rows changes the same way)."""
+        of rows changes the same way); its slot stays for a row to come."""
         last = self.rows - 1
-        for store in (self.keys, self.values):
-            for i, t in enumerate(store):
-                if row != last:
-                    t[row, :, : self.lengths[last]] = t[last, :, : self.lengths[last]]
-                store[i] = t[:last]
+        if row != last:
+            n = self.lengths[last]
+            for store in (self.keys, self.values):
+                for t in store:
+                    t[row, :, :n] = t[last, :, :n]
         self.lengths[row] = self.lengths[last]
         self.lengths.pop()
 
