@@ -88,9 +88,10 @@ def padding_share(lengths: list[int], rows: list[list[int]]) -> float:
 
 class PackingCollator(Collator):
     """Collator of packed rows (`layout`; one row when `flat`): input_ids,
-    labels, positions and segments (rows, T), T the longest row; cu_seqlens and max_seqlen (each sample and
-    each row's padding as one sequence of the flattened rows, for a
-    variable-length kernel); n_samples; the pictures in slot order."""
+    labels, positions and segments (rows, T), T the longest row; cu_seqlens
+    and max_seqlen (each sample and each row's padding as one sequence of
+    the flattened rows, for a variable-length kernel); n_samples; the
+    pictures in slot order."""
 
     def __init__(self, pad_id: int, row_len: int, flat: bool = False) -> None:
         super().__init__(pad_id)

@@ -57,11 +57,13 @@ class KVCache:
         return self.plan
 
     def reserve(self, positions: int) -> None:
-        """Room for `positions` positions a row from the start (not rounded up
-        to a chunk): a prefill that knows its rows' budgets allocates no more."""
-        if not self.keys:
+        """Before the first forward: room for `positions` positions a row, not
+        rounded up to a chunk (a prefill that knows its rows' budgets
+        allocates no more); later, as growing does."""
+        if self.keys:
+            self._reserve(positions)
+        else:
             self.capacity = max(self.capacity, positions)
-        self._reserve(positions)
 
     def _reserve(self, need: int, slots: int = 0) -> None:
         """Room for `need` positions and `slots` rows."""
