@@ -112,11 +112,27 @@ def test_decoding_layout_keeps_answers(varied):
     kw = dict(stop_ids=-1, max_new_tokens=8)
     before = generate(model, prompts, all_views(views), **kw)
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, model.cfg.lm.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model.lm(ids).logits
     decoding_layout(model)
-    weight = model.lm.layers[0].attn.q_proj.weight
-    assert weight.stride() == (1, weight.shape[0])  # column-major, same shape
+    attn, mlp = model.lm.layers[0].attn, model.lm.layers[0].mlp
+    qkv, _ = attn.fused  # q, k and v fused into one column-major matrix; the weights are views into it
+    assert qkv.shape == (3 * attn.q_proj.weight.shape[0], attn.q_proj.weight.shape[1])
+    assert qkv.stride() == (1, qkv.shape[0]) and attn.k_proj.weight.data_ptr() == qkv[qkv.shape[0] // 3 :].data_ptr()
+    assert mlp.fused[0].shape[0] == 2 * mlp.gate_proj.weight.shape[0]
+    head = model.lm.lm_head.weight
+    assert head.stride() == (1, head.shape[0])  # column-major, same shape
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with torch.no_grad():
+        assert torch.equal(model.lm(ids).logits, logits)  # bit for bit
     assert generate(model, prompts, all_views(views), **kw) == before
+    attn.q_proj.weight.data[0, 0] += 1.0  # an update reaches the fused matrix too
+    assert qkv[0, 0] == attn.q_proj.weight[0, 0]
+    attn.q_proj.weight.data[0, 0] -= 1.0
+    model.lm(ids).logits.sum().backward()  # with gradients, the linears one by one: the weights get theirs
+    assert attn.q_proj.weight.grad is not None and mlp.up_proj.weight.grad is not None
+    model.zero_grad(set_to_none=True)
 
 
 def test_views_must_match_the_image_slots(varied):

@@ -70,12 +70,22 @@ def prepare_for_decoding(model: VLM, compile: bool = False) -> VLM:
 
 @torch.no_grad()
 def decoding_layout(model: VLM) -> VLM:
-    """On the CPU, store the language model's weight matrices column-major:
-    the same shapes and values, transposed strides. A decode step of a small
-    batch is a matrix-vector product per weight, and MKL's runs about 1.6x
-    faster on weights stored so (x @ W.T reads W.T row by row);
-    benchmarks/decode_speed.py measures the whole step. For inference
-    (eval.py, infer.py, the server); a model being trained keeps its layout."""
+    """The language model laid out for inference (eval.py, infer.py, the
+    server; a model being trained keeps its layout), same values throughout:
+
+    - the matrices that read the same input (q, k and v; SwiGLU's gate and
+      up) fused, one matmul each instead of three and two;
+    - on the CPU, the weight matrices stored column-major (transposed
+      strides): a decode step of a small batch is a matrix-vector product
+      per weight, and MKL's runs about 1.6x faster on weights stored so
+      (x @ W.T reads W.T row by row).
+
+    benchmarks/decode_speed.py measures the whole step."""
+    for block in model.lm.layers:
+        column_major = block.attn.q_proj.weight.device.type == "cpu"
+        block.attn.fuse(column_major)
+        if hasattr(block.mlp, "fuse"):
+            block.mlp.fuse(column_major)
     for p in model.lm.parameters():
         if p.dim() == 2 and p.device.type == "cpu" and p.is_contiguous():
             p.data = p.data.t().contiguous().t()

@@ -127,6 +127,41 @@ def make_norm(cfg: LMConfig, dim: int | None = None) -> nn.Module:
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
+# ---------------------------------------------------------------- fused inputs
+
+
+def fuse(linears: list[nn.Module], column_major: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """For inference: linears that read the same input as one (sum of outputs,
+    in) weight, one matmul instead of several (decoding_layout). Their own
+    weights and biases become views into it: no second copy, and a load or
+    an in-place update reaches both. None where one is not a plain nn.Linear
+    (a LoRA layer, while training)."""
+    if any(type(m) is not nn.Linear for m in linears):
+        return None
+    weight = torch.cat([m.weight.detach() for m in linears])  # (sum of outputs, in)
+    if column_major:
+        weight = weight.t().contiguous().t()
+    bias = None if linears[0].bias is None else torch.cat([m.bias.detach() for m in linears])
+    at = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight.data = weight[at : at + n]
+        if bias is not None:
+            m.bias.data = bias[at : at + n]
+        at += n
+    return weight, bias
+
+
+def fused_ready(fused: tuple[torch.Tensor, torch.Tensor | None] | None, first: nn.Linear) -> bool:
+    """Whether a forward may use `fused`: without gradients (it is inference's
+    alone), and still the storage of the first linear's weight (not left
+    behind by a move to another device or dtype; compiled blocks are compiled
+    after the fusion, and their graph cannot read a pointer)."""
+    if fused is None or torch.is_grad_enabled():
+        return False
+    return torch.compiler.is_compiling() or fused[0].data_ptr() == first.weight.data_ptr()
+
+
 # -------------------------------------------------------------------- attention
 
 
@@ -144,6 +179,12 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.use_rope = cfg.pos == "rope"
+        self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None  # q, k and v as one (fuse)
+
+    def fuse(self, column_major: bool) -> None:
+        """q, k and v in one matmul at inference (not with Qwen3's per-head norms)."""
+        if self.q_norm is None:
+            self.fused = fuse([self.q_proj, self.k_proj, self.v_proj], column_major)
 
     def forward(
         self,
@@ -156,12 +197,16 @@ class Attention(nn.Module):
         says where this forward writes and which keys each query sees; with
         packing, which sample each token belongs to."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hs)
+        if fused_ready(self.fused, self.q_proj):
+            qkv = F.linear(x, *self.fused).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+            q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
+        else:
+            q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hs)
+            k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hs)
+            v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
         if self.use_rope:  # queries and keys rotated in one go: half the small operations of a decode step
             qk = apply_rope(torch.cat([q, k], dim=1), *rope)  # (B, nh + nkv, T, hs)
             q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)
@@ -194,8 +239,15 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.fused: tuple[torch.Tensor, torch.Tensor | None] | None = None  # gate and up as one (fuse)
+
+    def fuse(self, column_major: bool) -> None:
+        self.fused = fuse([self.gate_proj, self.up_proj], column_major)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_ready(self.fused, self.gate_proj):
+            gate, up = F.linear(x, *self.fused).chunk(2, dim=-1)  # (B, T, hidden) each
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
