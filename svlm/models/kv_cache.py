@@ -50,7 +50,8 @@ class KVCache:
             self.lengths = [0] * B
         if B != self.rows:
             raise ValueError(f"the cache holds {self.rows} rows; this input has {B}")
-        self._reserve(self.length + T, B)
+        if self.length + T > self.capacity or (self.keys and B > self.keys[0].shape[0]):
+            self._reserve(self.length + T, B)
         self.plan = StepPlan.make(self.lengths, T, device)
         added = [T] * B if valid is None else valid
         self.lengths = [n + a for n, a in zip(self.lengths, added)]
@@ -86,7 +87,9 @@ class KVCache:
             self.keys.append(k.new_zeros(B, nkv, self.capacity, hs))
             self.values.append(v.new_zeros(B, nkv, self.capacity, hs))
         plan, B = self.plan, k.shape[0]
-        keys, values = self.keys[layer].narrow(0, 0, B), self.values[layer].narrow(0, 0, B)  # the rows in use
+        keys, values = self.keys[layer], self.values[layer]
+        if B < keys.shape[0]:  # the rows in use
+            keys, values = keys.narrow(0, 0, B), values.narrow(0, 0, B)
         for store, new in ((keys, k), (values, v)):
             if plan.start is not None:  # every row at the same place: a slice
                 store.narrow(2, plan.start, new.shape[2]).copy_(new)

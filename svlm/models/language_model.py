@@ -193,23 +193,24 @@ class Attention(nn.Module):
         cache: KVCache | None,
         packing: Packing | None = None,
     ) -> torch.Tensor:
-        """rope: (cos, sin) of each query's position; with a cache, its plan
-        says where this forward writes and which keys each query sees; with
-        packing, which sample each token belongs to."""
+        """rope: (cos, sin) of each query's position, (T, 1, hs) or (B, T, 1, hs);
+        with a cache, its plan says where this forward writes and which keys
+        each query sees; with packing, which sample each token belongs to."""
         B, T, _ = x.shape
-        if fused_ready(self.fused, self.q_proj):
-            qkv = F.linear(x, *self.fused).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
-            q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
+        nh, nkv = self.n_heads, self.n_kv_heads
+        if fused_ready(self.fused, self.q_proj):  # inference: q and k come out side by side
+            qk, v = F.linear(x, *self.fused).view(B, T, nh + 2 * nkv, self.head_dim).split([nh + nkv, nkv], dim=2)
         else:
-            q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hs)
-            k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hs)
-            v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hs)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
+            q = self.q_proj(x).view(B, T, nh, self.head_dim)  # (B, T, nh, hs)
+            k = self.k_proj(x).view(B, T, nkv, self.head_dim)  # (B, T, nkv, hs)
+            v = self.v_proj(x).view(B, T, nkv, self.head_dim)  # (B, T, nkv, hs)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            qk = torch.cat([q, k], dim=2)  # (B, T, nh + nkv, hs)
         if self.use_rope:  # queries and keys rotated in one go: half the small operations of a decode step
-            qk = apply_rope(torch.cat([q, k], dim=1), *rope)  # (B, nh + nkv, T, hs)
-            q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)
+            qk = apply_rope(qk, *rope)
+        q, k = qk.transpose(1, 2).split([nh, nkv], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
+        v = v.transpose(1, 2)  # (B, nkv, T, hs)
         if packing is not None:  # several samples a row: each sees itself only
             y = packing.attend(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
@@ -414,10 +415,11 @@ class LanguageModel(nn.Module):
             at = torch.arange(start, start + T, device=x.device) if start is not None else positions
             x = x + self.pos_embed(at)  # (T, D) or (B, T, D)
         elif start is not None:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])  # (T, hs/2)
-        else:  # (B, 1, T, hs/2): each row's own positions, broadcast over the heads
-            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
-        x = self.drop(x)
+            rope = (self.rope_cos[start : start + T, None], self.rope_sin[start : start + T, None])  # (T, 1, hs)
+        else:  # (B, T, 1, hs): each row's own positions, broadcast over the heads
+            rope = (self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None])
+        if self.training:  # no module call a decode step does not need
+            x = self.drop(x)
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, rope, None, packing, use_reentrant=False)

@@ -35,13 +35,18 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None = None
 def rope_tables(
     head_dim: int, max_len: int, theta: float, scaling: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (max_len, head_dim // 2)."""
+    """cos and sin tables of shape (max_len, head_dim), laid out for
+    apply_rope: cos repeated over both halves, sin negated over the first."""
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inverse_frequencies(head_dim, theta, scaling))
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()  # (max_len, head_dim // 2)
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of x: (B, nh, T, hs); cos/sin: (T, hs/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return out.type_as(x)
+    """Rotate pairs (first half x1, second half x2) of x's last dimension by
+    the angles of cos/sin (rope_tables' layout, broadcast against x):
+    (x1 cos - x2 sin, x2 cos + x1 sin), with the halves swapped by one roll
+    (four operations a call: a decode step makes one per layer)."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    return (xf * cos + xf.roll(half, dims=-1) * sin).type_as(x)
