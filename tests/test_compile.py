@@ -77,3 +77,30 @@ def test_training_with_compile_matches_eager(make_train_cfg, tmp_path):
         lines = [json.loads(x) for x in (Path(out).parent / "metrics.jsonl").read_text().splitlines()]
         losses.append([m["train/loss"] for m in lines if "train/loss" in m])
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_compiled_decoding_matches_eager_and_compiles_once_for_all_layers():
+    """hardware.compile at inference: the blocks share their compiled graphs
+    across layers (a block gets its layer's cache, not a layer number), so
+    six layers decode within a recompile limit of six; greedy tokens, of a
+    batch of one and of a ragged batch, are the eager model's."""
+    from svlm.inference.generation import generate, prepare_for_decoding
+    from svlm.models.projector import ProjectorConfig
+    from svlm.models.vision import VisionConfig
+    from svlm.models.vlm import VLM, VLMConfig
+
+    torch.manual_seed(0)
+    cfg = VLMConfig(
+        vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2),
+        projector=ProjectorConfig(compress="pixel_shuffle", factor=2),
+        lm=LMConfig(vocab_size=300, d_model=64, n_layers=6, n_heads=4, n_kv_heads=2, max_seq_len=64),
+        image_token_id=3,
+    )
+    eager = prepare_for_decoding(VLM(cfg).eval())
+    compiled = prepare_for_decoding(copy.deepcopy(eager), compile=True)
+    prompts = [[3] * 4 + list(range(10, 10 + n)) for n in (5, 9)]
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch._dynamo.config.patch(recompile_limit=6, fail_on_recompile_limit_hit=True):
+        for rows in ([0], [0, 1]):
+            args = ([prompts[r] for r in rows], pixels[rows], -1)
+            assert generate(compiled, *args, max_new_tokens=12) == generate(eager, *args, max_new_tokens=12)

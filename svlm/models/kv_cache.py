@@ -43,19 +43,35 @@ class KVCache:
     def rows(self) -> int:
         return len(self.lengths)
 
-    def begin(self, B: int, T: int, device: torch.device, valid: list[int] | None = None) -> StepPlan:
+    def begin(
+        self, B: int, T: int, device: torch.device, valid: list[int] | None = None, layout: Layout | None = None
+    ) -> StepPlan:
         """Plan a forward of T new tokens in each of the B rows; row r's tokens
-        after its first valid[r] are padding (written, then overwritten later)."""
+        after its first valid[r] are padding (written, then overwritten later).
+        A new cache allocates its storage here, as `layout` says."""
         if not self.lengths:  # a new cache, or every row retired
             self.lengths = [0] * B
         if B != self.rows:
             raise ValueError(f"the cache holds {self.rows} rows; this input has {B}")
         if self.length + T > self.capacity or (self.keys and B > self.keys[0].shape[0]):
             self._reserve(self.length + T, B)
+        if not self.keys:
+            if layout is None:
+                raise ValueError("a new KV cache needs the layout of its storage (begin's `layout`)")
+            shape = (B, layout.kv_heads, self.capacity, layout.head_dim)
+            self.keys = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.layers)]
+            self.values = [torch.zeros(shape, dtype=layout.dtype, device=device) for _ in range(layout.layers)]
         self.plan = StepPlan.make(self.lengths, T, device)
         added = [T] * B if valid is None else valid
         self.lengths = [n + a for n, a in zip(self.lengths, added)]
         return self.plan
+
+    def layer(self, i: int) -> LayerCache:
+        """Layer i's share of the forward planned by `begin`: its rows in use."""
+        keys, values = self.keys[i], self.values[i]
+        if self.rows < keys.shape[0]:
+            keys, values = keys.narrow(0, 0, self.rows), values.narrow(0, 0, self.rows)
+        return LayerCache(keys, values, self.plan)
 
     def reserve(self, positions: int) -> None:
         """Before the first forward: room for `positions` positions a row, not
@@ -78,25 +94,6 @@ class KVCache:
                     t = torch.cat([t, t.new_zeros(max(more_slots, t.shape[0]), *t.shape[1:])])
                 store[i] = t  # (slots, nkv, grown, hs)
         self.capacity = grown
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this forward's (B, nkv, T, hs) keys and values; return every
-        key and value the queries may see, (B, nkv, limit, hs)."""
-        if layer == len(self.keys):  # first call for this layer: allocate
-            B, nkv, _, hs = k.shape
-            self.keys.append(k.new_zeros(B, nkv, self.capacity, hs))
-            self.values.append(v.new_zeros(B, nkv, self.capacity, hs))
-        plan, B = self.plan, k.shape[0]
-        keys, values = self.keys[layer], self.values[layer]
-        if B < keys.shape[0]:  # the rows in use
-            keys, values = keys.narrow(0, 0, B), values.narrow(0, 0, B)
-        for store, new in ((keys, k), (values, v)):
-            if plan.start is not None:  # every row at the same place: a slice
-                store.narrow(2, plan.start, new.shape[2]).copy_(new)
-            else:  # (B, T) positions, one per row and token
-                index = plan.positions[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3])
-                store.scatter_(2, index, new)
-        return keys.narrow(2, 0, plan.limit), values.narrow(2, 0, plan.limit)
 
     def absorb(self, other: KVCache) -> None:
         """Append the rows of `other` (prefilled apart) after this cache's rows."""
@@ -122,6 +119,39 @@ class KVCache:
                     t[row, :, :n] = t[last, :, :n]
         self.lengths[row] = self.lengths[last]
         self.lengths.pop()
+
+
+@dataclass
+class Layout:
+    """What a cache's storage holds a layer (the language model knows it)."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+
+@dataclass
+class LayerCache:
+    """One layer's keys and values, (B, nkv, capacity, hs) for the B rows in
+    use, during one forward. A block gets this, not the cache and a layer
+    number: compiled (hardware.compile), one graph serves every layer."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    plan: StepPlan
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this forward's (B, nkv, T, hs) keys and values; return every
+        key and value the queries may see, (B, nkv, limit, hs)."""
+        plan = self.plan
+        for store, new in ((self.keys, k), (self.values, v)):
+            if plan.start is not None:  # every row at the same place: a slice
+                store.narrow(2, plan.start, new.shape[2]).copy_(new)
+            else:  # (B, T) positions, one per row and token
+                index = plan.positions[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[3])
+                store.scatter_(2, index, new)
+        return self.keys.narrow(2, 0, plan.limit), self.values.narrow(2, 0, plan.limit)
 
 
 @dataclass

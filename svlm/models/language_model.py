@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from svlm.models.kv_cache import KVCache
+from svlm.models.kv_cache import KVCache, LayerCache, Layout
 from svlm.models.packed_attention import Packing
 from svlm.models.rope import SCALINGS, apply_rope, rope_tables
 
@@ -166,9 +166,8 @@ def fused_ready(fused: tuple[torch.Tensor, torch.Tensor | None] | None, first: n
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LMConfig, layer: int) -> None:
+    def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
-        self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=qkv_bias)
@@ -190,12 +189,12 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        cache: KVCache | None,
+        cache: LayerCache | None,
         packing: Packing | None = None,
     ) -> torch.Tensor:
         """rope: (cos, sin) of each query's position, (T, 1, hs) or (B, T, 1, hs);
-        with a cache, its plan says where this forward writes and which keys
-        each query sees; with packing, which sample each token belongs to."""
+        with this layer's cache, its plan says where this forward writes and
+        which keys each query sees; with packing, which sample each token belongs to."""
         B, T, _ = x.shape
         nh, nkv = self.n_heads, self.n_kv_heads
         if fused_ready(self.fused, self.q_proj):  # inference: q and k come out side by side
@@ -216,7 +215,7 @@ class Attention(nn.Module):
             return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         mask, is_causal = None, T > 1
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, nkv, limit, hs)
+            k, v = cache.update(k, v)  # (B, nkv, limit, hs)
             mask, is_causal = cache.plan.mask, cache.plan.causal
         y = F.scaled_dot_product_attention(
             q,
@@ -312,16 +311,16 @@ def make_mlp(cfg: LMConfig) -> nn.Module:
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: LMConfig, layer: int) -> None:
+    def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg, layer)
+        self.attn = Attention(cfg)
         self.mlp_norm = make_norm(cfg)
         self.mlp = make_mlp(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: torch.Tensor, rope, cache: KVCache | None = None, packing: Packing | None = None
+        self, x: torch.Tensor, rope, cache: LayerCache | None = None, packing: Packing | None = None
     ) -> torch.Tensor:
         x = x + self._drop(self.attn(self.attn_norm(x), rope, cache, packing))
         return x + self._drop(self.mlp(self.mlp_norm(x)))
@@ -356,7 +355,7 @@ class LanguageModel(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings and cfg.embed_dim == cfg.d_model:
@@ -376,6 +375,13 @@ class LanguageModel(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def cache_layout(self, x: torch.Tensor) -> Layout:
+        """How a KV cache stores this model's keys and values for input x: in
+        autocast's dtype where it is on (the projections' outputs), else x's."""
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        return Layout(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, dtype)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, embed_dim) embeddings."""
@@ -406,7 +412,7 @@ class LanguageModel(nn.Module):
         B, T, _ = x.shape
         start, longest = (0, T) if positions is None else (None, 0)  # packed rows: each sample within the context
         if cache is not None:
-            plan = cache.begin(B, T, x.device, valid)
+            plan = cache.begin(B, T, x.device, valid, self.cache_layout(x))
             start, positions, longest = plan.start, plan.positions, plan.limit  # ragged rows: (B, T) positions
         if longest > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {longest} tokens is longer than model.lm.max_seq_len={self.cfg.max_seq_len}")
@@ -420,11 +426,11 @@ class LanguageModel(nn.Module):
             rope = (self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None])
         if self.training:  # no module call a decode step does not need
             x = self.drop(x)
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, rope, None, packing, use_reentrant=False)
             else:
-                x = block(x, rope, cache, packing)
+                x = block(x, rope, None if cache is None else cache.layer(i), packing)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.cfg.mlp == "moe":
             aux = self.cfg.moe_aux_coef * sum(b.mlp.aux_loss for b in self.layers)
