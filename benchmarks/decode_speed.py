@@ -19,15 +19,10 @@ an answer).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from paired import REPO, Worker, rounds, spread, worktree
 
 WORKER = r"""
 import json, sys, time, torch
@@ -47,38 +42,12 @@ batch = synthetic_batch(model, 1, 8, "cpu")
 prompt, pixels = batch["input_ids"][:, : model.num_image_tokens + 8], batch["pixel_values"]
 for n in (8, 16, new_tokens):  # warm-up (and, compiled, the compilations of the new shapes)
     generate(model, prompt, pixels, stop_ids=-1, max_new_tokens=n)
-print("ready", flush=True)
+print("@result ready", flush=True)
 for _ in sys.stdin:  # one generation a line
     t0 = time.perf_counter()
     (ids,) = generate(model, prompt, pixels, stop_ids=-1, max_new_tokens=new_tokens)
-    print(json.dumps({"tokens_per_s": len(ids) / (time.perf_counter() - t0), "ids": ids}), flush=True)
+    print("@result " + json.dumps({"tokens_per_s": len(ids) / (time.perf_counter() - t0), "ids": ids}), flush=True)
 """
-
-
-class Worker:
-    """A process holding one tree's model, generating on request."""
-
-    def __init__(self, tree: Path, size: str, new_tokens: int, threads: int, compile: bool) -> None:
-        env = {**os.environ, "PYTHONPATH": str(tree), "OMP_WAIT_POLICY": "PASSIVE"}
-        argv = [sys.executable, "-c", WORKER, size, str(new_tokens), str(threads), str(int(compile))]
-        self.tree = tree
-        self.proc = subprocess.Popen(argv, env=env, cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._read()  # "ready"
-
-    def _read(self) -> str:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the worker of {self.tree} exited with {self.proc.wait()}")
-        return line
-
-    def measure(self) -> dict:
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-        return json.loads(self._read())
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait()
 
 
 def main() -> None:
@@ -90,32 +59,30 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--compile", action="store_true", help="this tree with hardware.compile (compiled blocks)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "baseline"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base), args.baseline], check=True,
-                       capture_output=True)  # fmt: skip
+
+    def show(r: int, got: dict) -> None:
+        base, this = got["baseline"]["tokens_per_s"], got["this tree"]["tokens_per_s"]
+        print(
+            f"round {r}: baseline {base:.0f} tokens/s, this tree {this:.0f} tokens/s ({this / base:.2f}x)", flush=True
+        )
+
+    with tempfile.TemporaryDirectory() as tmp, worktree(args.baseline, Path(tmp) / "baseline") as base:
         workers = {}
         try:
             for name, tree in (("baseline", base), ("this tree", REPO)):
-                workers[name] = Worker(tree, args.size, args.new_tokens, args.threads, args.compile and tree == REPO)
-            rows = []
-            for r in range(args.rounds):
-                order = ["baseline", "this tree"][:: 1 if r % 2 else -1]
-                got = {name: workers[name].measure() for name in order}
-                rows.append(got)
-                print(f"round {r + 1}: baseline {got['baseline']['tokens_per_s']:.0f} tokens/s, this tree "
-                      f"{got['this tree']['tokens_per_s']:.0f} tokens/s "
-                      f"({got['this tree']['tokens_per_s'] / got['baseline']['tokens_per_s']:.2f}x)", flush=True)  # fmt: skip
+                compiled = args.compile and tree == REPO
+                workers[name] = Worker(
+                    tree, WORKER, [args.size, str(args.new_tokens), str(args.threads), str(int(compiled))]
+                )
+            rows = rounds(workers, args.rounds, show)
         finally:
             for w in workers.values():
                 w.close()
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], check=False)
-    ratios = [g["this tree"]["tokens_per_s"] / g["baseline"]["tokens_per_s"] for g in rows]
-    q1, median, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    q1, median, q3 = spread([g["this tree"]["tokens_per_s"] / g["baseline"]["tokens_per_s"] for g in rows])
     same = all(g["this tree"]["ids"] == g["baseline"]["ids"] for g in rows)
     print(f"bench.size={args.size}, {args.threads} thread(s), batch 1, {args.new_tokens} new tokens"
           f"{', this tree compiled' if args.compile else ''}: "
-          f"median {median:.2f}x the baseline ({args.baseline}), quartiles {q1:.2f}x-{q3:.2f}x over {len(ratios)} rounds; "
+          f"median {median:.2f}x the baseline ({args.baseline}), quartiles {q1:.2f}x-{q3:.2f}x over {len(rows)} rounds; "
           f"generated tokens identical: {same}")  # fmt: skip
 
 

@@ -126,7 +126,9 @@ def answer_accuracy(
         items.append({"index": index, "ids": ex.input_ids[:start], "reference": tokenizer.decode(ex.labels[start:end])})
     items = items[rank::world]  # each process answers its share
     # Prompts of any lengths decode together (a ragged batch: each row's tokens are those it gets
-    # alone), a block at a time so that only a block's pictures are in memory.
+    # alone), a block at a time so that only a block's pictures are in memory; shortest first, so
+    # that a block's prompts are alike in length and its prefills pad little.
+    items.sort(key=lambda it: len(it["ids"]))
     for first in range(0, len(items), BLOCK):
         fetched = [(it, ds[it["index"]]) for it in items[first : first + BLOCK]]
         fetched = [(it, f) for it, f in fetched if f is not None]  # an unreadable image: skipped
@@ -137,7 +139,7 @@ def answer_accuracy(
         for (it, _), out in zip(fetched, outs):
             it["answer"] = tokenizer.decode(out, skip_special_tokens=True)
     predictions = []
-    for it in items:
+    for it in sorted(items, key=lambda it: it["index"]):  # in the data set's order
         if "answer" not in it:
             continue
         ex = ds.example(it["index"])
