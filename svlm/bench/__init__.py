@@ -281,38 +281,45 @@ def padding_shares(cfg, ds, batch: int, micro: int, flat: bool) -> dict:
 
 def data_step_speed(cfg, steps: Stepper, ds, encoder, batch: int, micro: int, n: int, device, flat: bool) -> dict:
     """samples/s of `n` training steps on the configured data's first batches,
-    unpacked (a row a sample) and packed: the same samples both ways. Token ids
-    are mapped into the bench model's vocabulary (the speed does not depend on them)."""
+    unpacked (a row a sample) and packed: the same samples both ways, the two
+    ways' steps interleaved (this host's speed drifts: both see the same
+    drift). Token ids are mapped into the bench model's vocabulary (the speed
+    does not depend on them)."""
     from svlm.data.dataset import Collator
     from svlm.data.packing import PackingCollator
 
-    model = steps.model
     chunks = epoch_micro_batches(cfg, ds, batch, micro)[: n * max(1, batch // micro)]
     items = [[ds[i] for i in chunk] for chunk in chunks]
+    ways = {"unpacked": Collator(encoder.pad_id), "packed": PackingCollator(encoder.pad_id, cfg.data.max_len, flat)}
+    per_step = max(1, batch // micro)
+    plan = {}  # way -> its steps, each a list of micro-batches
+    for name, collate in ways.items():
+        micro_batches = [bench_ids(collate(group), encoder, steps.model, device) for group in items]
+        plan[name] = [micro_batches[i : i + per_step] for i in range(0, len(micro_batches), per_step)]
+        one_step(steps, plan[name][0])  # warm-up
+    seconds = dict.fromkeys(ways, 0.0)
+    for i in range(len(plan["unpacked"])):
+        for name in list(ways)[:: -1 if i % 2 else 1]:  # the order alternating
+            t0 = time.perf_counter()
+            one_step(steps, plan[name][i])
+            seconds[name] += time.perf_counter() - t0
     result = {}
-    for name, collate in (
-        ("unpacked", Collator(encoder.pad_id)),
-        ("packed", PackingCollator(encoder.pad_id, cfg.data.max_len, flat)),
-    ):
-        micro_batches = []
-        for group in items:
-            b = collate(group)
-            slots = b["input_ids"] == encoder.image_id
-            b["input_ids"] = (b["input_ids"] % (model.cfg.lm.vocab_size - 4)) + 4  # clear of the image id (3)
-            b["input_ids"][slots] = model.cfg.image_token_id
-            b["labels"] = torch.where(b["labels"] >= 0, b["input_ids"], b["labels"])
-            micro_batches.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()})
-        per_step = max(1, batch // micro)
-        steps_of = [micro_batches[i : i + per_step] for i in range(0, len(micro_batches), per_step)]
-        one_step(steps, steps_of[0])  # warm-up
-        t0 = time.perf_counter()
-        for group in steps_of:
-            one_step(steps, group)
-        seconds = time.perf_counter() - t0
+    for name, step_list in plan.items():
+        micro_batches = [b for step in step_list for b in step]
         samples = sum(b.get("n_samples", b["input_ids"].shape[0]) for b in micro_batches)
-        result[name] = {"samples_per_s": samples / seconds, "rows": sum(b["input_ids"].shape[0] for b in micro_batches),
+        result[name] = {"samples_per_s": samples / seconds[name], "rows": sum(b["input_ids"].shape[0] for b in micro_batches),
                         "samples": samples, "tokens_per_row": statistics.mean(b["input_ids"].shape[1] for b in micro_batches)}  # fmt: skip
     return result
+
+
+def bench_ids(b: dict, encoder, model: VLM, device) -> dict:
+    """A collated micro-batch with its ids mapped into the bench model's
+    vocabulary, clear of the image id, on `device`."""
+    slots = b["input_ids"] == encoder.image_id
+    b["input_ids"] = (b["input_ids"] % (model.cfg.lm.vocab_size - 4)) + 4  # clear of the image id (3)
+    b["input_ids"][slots] = model.cfg.image_token_id
+    b["labels"] = torch.where(b["labels"] >= 0, b["input_ids"], b["labels"])
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
 
 # ------------------------------------------------------------------------- main
