@@ -34,20 +34,24 @@ def test_compiled_blocks_match_eager():
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
 
 
-def test_compiled_vlm_matches_eager():
-    """Every block compiled, the vision encoder's included: the same loss and gradients."""
+def tiny_vlm(layers: int):
+    """A VLM of a 32-pixel picture in 4 visual tokens (image id 3) and an LM of `layers` layers."""
     from svlm.models.projector import ProjectorConfig
     from svlm.models.vision import VisionConfig
     from svlm.models.vlm import VLM, VLMConfig
 
     torch.manual_seed(0)
-    cfg = VLMConfig(
+    return VLM(VLMConfig(
         vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2),
         projector=ProjectorConfig(compress="pixel_shuffle", factor=2),
-        lm=LMConfig(vocab_size=300, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64),
+        lm=LMConfig(vocab_size=300, d_model=64, n_layers=layers, n_heads=4, n_kv_heads=2, max_seq_len=64),
         image_token_id=3,
-    )
-    eager = VLM(cfg)
+    ))  # fmt: skip
+
+
+def test_compiled_vlm_matches_eager():
+    """Every block compiled, the vision encoder's included: the same loss and gradients."""
+    eager = tiny_vlm(layers=2)
     compiled = copy.deepcopy(eager)
     compiled.compile_blocks()
     ids = torch.randint(10, 300, (2, 20))
@@ -85,21 +89,12 @@ def test_compiled_decoding_matches_eager_and_compiles_once_for_all_layers():
     six layers decode within a recompile limit of six; greedy tokens, of a
     batch of one and of a ragged batch, are the eager model's."""
     from svlm.inference.generation import generate, prepare_for_decoding
-    from svlm.models.projector import ProjectorConfig
-    from svlm.models.vision import VisionConfig
-    from svlm.models.vlm import VLM, VLMConfig
 
-    torch.manual_seed(0)
-    cfg = VLMConfig(
-        vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2),
-        projector=ProjectorConfig(compress="pixel_shuffle", factor=2),
-        lm=LMConfig(vocab_size=300, d_model=64, n_layers=6, n_heads=4, n_kv_heads=2, max_seq_len=64),
-        image_token_id=3,
-    )
-    eager = prepare_for_decoding(VLM(cfg).eval())
+    eager = prepare_for_decoding(tiny_vlm(layers=6).eval())
     compiled = prepare_for_decoding(copy.deepcopy(eager), compile=True)
     prompts = [[3] * 4 + list(range(10, 10 + n)) for n in (5, 9)]
     pixels = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()  # only this test's compilations count against the limit
     with torch._dynamo.config.patch(recompile_limit=6, fail_on_recompile_limit_hit=True):
         for rows in ([0], [0, 1]):
             args = ([prompts[r] for r in rows], pixels[rows], -1)
