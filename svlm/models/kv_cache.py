@@ -23,7 +23,9 @@ class KVCache:
     first `rows` of the slots are in use; a dropped row's slot is kept for
     the next row to join, so joining copies that row only, not the cache.
     What a slot holds past its row's length is never seen (each query sees
-    its own row's keys up to its own position).
+    its own row's keys up to its own position). A forward is planned once
+    (`begin`: where it writes, which keys each query sees), and each block
+    gets its layer's share (`layer`: a LayerCache).
     """
 
     def __init__(self, chunk: int = 256) -> None:
