@@ -142,7 +142,13 @@ def choose(logits: torch.Tensor, streams: Sequence[Stream]) -> list[int]:
 
 
 class Batch:
-    """Streams decoded together, one KV-cache row each (row i is streams[i])."""
+    """Streams decoded together, one KV-cache row each (row i is streams[i]).
+
+    Every method that touches the cache runs under torch.inference_mode: no
+    autograd bookkeeping on any operation (views, in-place cache writes),
+    which is about 8% of a decode step at bench.size=tiny on this CPU, same
+    values. The cache then holds inference tensors, which may not be written
+    outside that mode: hence add, step and cancel each enter it."""
 
     def __init__(self, model: VLM) -> None:
         self.model, self.cache, self.streams = model, KVCache(), []
@@ -152,6 +158,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.streams)
 
+    @torch.inference_mode()
     def add(self, streams: Sequence[Stream]) -> list[Stream]:
         """Prefill `streams` together (right-padded to the longest), pick their
         first tokens and join them to the batch; returns those already done."""
@@ -175,6 +182,7 @@ class Batch:
         self.streams += streams
         return self._retire()
 
+    @torch.inference_mode()
     def step(self) -> list[Stream]:
         """One new token for every stream; returns (and removes) those that finished."""
         last = torch.tensor([[s.ids[-1]] for s in self.streams], device=self.device)  # (B, 1)
@@ -183,6 +191,7 @@ class Batch:
             s.take(token)
         return self._retire()
 
+    @torch.inference_mode()
     def cancel(self, stream: Stream) -> None:
         stream.finish = "cancelled"
         self._retire()
@@ -212,7 +221,7 @@ def split_views(model: VLM, prompts: Sequence[Sequence[int]], pixel_values: torc
     return parts
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: VLM,
     input_ids: torch.Tensor | Sequence[Sequence[int]],

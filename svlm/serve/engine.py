@@ -230,7 +230,7 @@ class Engine:
         touched, and a failed step leaves an empty batch (its cache may be half
         written); the worker goes on."""
         try:
-            with torch.no_grad(), autocast_for(self.hardware, self.device):
+            with torch.inference_mode(), autocast_for(self.hardware, self.device):
                 self._complete(work())
         except Exception as e:
             log.exception("generation failed")
