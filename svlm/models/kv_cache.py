@@ -45,6 +45,11 @@ class KVCache:
     def rows(self) -> int:
         return len(self.lengths)
 
+    @property
+    def allocated(self) -> bool:
+        """Whether the storage exists (else the next `begin` needs a layout)."""
+        return bool(self.keys)
+
     def begin(
         self, B: int, T: int, device: torch.device, valid: list[int] | None = None, layout: Layout | None = None
     ) -> StepPlan:
@@ -57,7 +62,7 @@ class KVCache:
             raise ValueError(f"the cache holds {self.rows} rows; this input has {B}")
         if self.length + T > self.capacity or (self.keys and B > self.keys[0].shape[0]):
             self._reserve(self.length + T, B)
-        if not self.keys:
+        if not self.allocated:
             if layout is None:
                 raise ValueError("a new KV cache needs the layout of its storage (begin's `layout`)")
             shape = (B, layout.kv_heads, self.capacity, layout.head_dim)

@@ -412,7 +412,7 @@ class LanguageModel(nn.Module):
         B, T, _ = x.shape
         start, longest = (0, T) if positions is None else (None, 0)  # packed rows: each sample within the context
         if cache is not None:
-            plan = cache.begin(B, T, x.device, valid, self.cache_layout(x))
+            plan = cache.begin(B, T, x.device, valid, None if cache.allocated else self.cache_layout(x))
             start, positions, longest = plan.start, plan.positions, plan.limit  # ragged rows: (B, T) positions
         if longest > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {longest} tokens is longer than model.lm.max_seq_len={self.cfg.max_seq_len}")
