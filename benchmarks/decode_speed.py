@@ -1,14 +1,16 @@
 """Single-stream decoding, this tree against an earlier revision, on one host in one run:
 
-    python benchmarks/decode_speed.py --baseline 505b026        # bench.size=tiny, 1 thread
+    python benchmarks/decode_speed.py --baseline 505b026        # bench.size=tiny, 1 thread, 256 tokens
+    python benchmarks/decode_speed.py --baseline 505b026 --new-tokens 128
     python benchmarks/decode_speed.py --baseline 505b026 --size small --rounds 11
 
 The baseline revision is checked out into a temporary git worktree. One
 process per tree builds the model of `python -m svlm.bench bench.size=<size>`
 (seed 0), one picture and an 8-token question, and warms up; then, round by
 round, each process in turn (the order alternating) generates once: batch 1,
-`--new-tokens` new tokens with the KV cache (no stop token), vision encoding
-and prefill included, as `python -m svlm.bench` times it. The two runs of a
+`--new-tokens` new tokens with the KV cache (no stop token; by default as many
+as `python -m svlm.bench` generates, bench.gen_tokens), vision encoding and
+prefill included, as `python -m svlm.bench` times it. The two runs of a
 round are back to back, so they share the host's state: the ratio of a round
 is what this noisy host can measure, and the median over rounds is the
 figure. Prints each round, the median and quartiles of the ratio, and whether
@@ -23,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 from paired import REPO, Worker, rounds, spread, worktree
+
+from svlm.bench import BenchConfig
 
 WORKER = r"""
 import json, sys, time, torch
@@ -54,7 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", required=True, help="the revision to compare with (e.g. a commit id)")
     ap.add_argument("--size", default="tiny", choices=["tiny", "small"])
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=BenchConfig.gen_tokens)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--compile", action="store_true", help="this tree with hardware.compile (compiled blocks)")

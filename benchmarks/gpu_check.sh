@@ -10,12 +10,15 @@
 #    512 tokens, bf16 autocast, fused AdamW), eager and with hardware.compile=true.
 # 3. The packed-row attention kernels (flex_attention; flash_attn_varlen_func where
 #    flash-attn is installed) against SDPA with the block mask (tests/test_packing.py).
-# Every row: tokens/s and MFU against a bf16 matmul peak measured in the same run.
+# 4. The continuously batching server on the GPU (benchmarks/serve_load.py, a
+#    random-weight model=tiny, hardware=auto): output tokens/s at 1-16 clients
+#    and the burst of 64 against serve.max_queue=8.
+# Rows 1-2: tokens/s and MFU against a bf16 matmul peak measured in the same run.
 # The two full-batch rows are profiled too: where the GPU's time goes is printed
 # after the table (profile.txt and trace.json in each run's folder).
 # No pretrained weights are needed: the encoder's shape (config.json) is enough,
 # the weights are random. Needs hydra-core and omegaconf besides torch,
-# transformers and accelerate.
+# transformers and accelerate; row 4 the openai client (pip install -e ".[dev]").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-outputs/gpu_check}
@@ -33,6 +36,10 @@ EOF
 timeout 300 python -m pytest -q tests/test_packing.py -k gpu_kernels -rs > "$out/packing_kernels.log" 2>&1 ||
     echo "packing kernels: failed (see $out/packing_kernels.log)"
 tail -3 "$out/packing_kernels.log"
+
+timeout 300 python benchmarks/serve_load.py --random-model --hardware auto --out "$out/serve_load.json" \
+    > "$out/serve_load.log" 2>&1 || echo "server load: failed (see $out/serve_load.log)"
+tail -12 "$out/serve_load.log"
 
 common=(model.vision.path="$out/dinov2-base" bench.data=false bench.gen_tokens=0 bench.warmup=1 bench.steps=3
         bench.rounds=1)

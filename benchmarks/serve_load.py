@@ -14,8 +14,9 @@ p50 and p95, and how many requests got 429 or failed. Every level asks the
 same prompts; their greedy answers are compared with level 1's (batching
 must not change an answer). Then a burst: --burst requests at once, each
 answered or refused exactly once (none hangs past --timeout, none lost).
-A server started here gets serve.max_batch=--max-batch and
-serve.max_queue=--max-queue; it writes under a temporary folder.
+A server started here gets serve.max_batch=--max-batch,
+serve.max_queue=--max-queue and hardware=--hardware (cpu; auto takes a GPU);
+it writes under a temporary folder.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def free_port() -> int:
 
 def start_server(ckpt: Path, folder: Path, args) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, "-m", "svlm.serve", f"ckpt={ckpt}", f"port={port}", "hardware=cpu",
+    command = [sys.executable, "-m", "svlm.serve", f"ckpt={ckpt}", f"port={port}", f"hardware={args.hardware}",
                f"serve.max_batch={args.max_batch}", f"serve.max_queue={args.max_queue}",
                f"serve.max_tokens={max(args.max_tokens, 1024)}", f"paths.outputs={folder}"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
@@ -199,6 +200,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds the burst may take")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-queue", type=int, default=8)
+    ap.add_argument("--hardware", default="cpu", help="the hardware config of a server started here (auto: a GPU)")
     ap.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = ap.parse_args()
 
