@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, in one script that runs in under 5 minutes on one H100:
+# The GPU checks, in one script: about 5 minutes on one H200, plus at most 5 for row 4.
 #
 #   bash benchmarks/gpu_check.sh [out_dir]        # default: outputs/gpu_check
 #
