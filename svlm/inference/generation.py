@@ -61,10 +61,9 @@ def prepare_for_decoding(model: VLM, compile: bool = False) -> VLM:
     the server) do to a loaded model: the decoding layout, and with
     hardware.compile each transformer block compiled (the decode step's many
     small operations fused; one graph serves every layer, so a few
-    compilations, about 30 s on this CPU, then 1.47x against 1.39x
-    the tokens/s of 505b026 uncompiled at bench.size=tiny and 128 new
-    tokens: it pays for long generations and the server, not for one
-    question)."""
+    compilations, about 30 s on this CPU: it pays for long generations and
+    the server, not for one question; figures in the README's "Speed
+    benchmarks")."""
     decoding_layout(model)
     if compile:
         model.compile_blocks()

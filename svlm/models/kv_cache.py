@@ -60,7 +60,7 @@ class KVCache:
             self.lengths = [0] * B
         if B != self.rows:
             raise ValueError(f"the cache holds {self.rows} rows; this input has {B}")
-        if self.length + T > self.capacity or (self.keys and B > self.keys[0].shape[0]):
+        if self.length + T > self.capacity or (self.allocated and B > self.keys[0].shape[0]):
             self._reserve(self.length + T, B)
         if not self.allocated:
             if layout is None:
