@@ -1,4 +1,6 @@
-"""Score a model: `python eval.py [ckpt=<folder>] [data=...]` (settings: conf/eval.yaml)."""
+"""Score a model: `python eval.py [ckpt=<folder>] [data=<option>] [data.<key>=<value> ...]`
+(settings: conf/eval.yaml). Without data=<option> the model is scored on the data it
+was trained on, with any data.<key>= set on top of it."""
 
 import sys
 
@@ -8,7 +10,7 @@ import svlm  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
 from svlm.cli import command
 
 
-@command("eval")
+@command("eval", overlays={"data": "data_overlay"})
 def main(cfg: DictConfig) -> None:
     from svlm.config import load_eval_config
     from svlm.evaluation.evaluate import evaluate

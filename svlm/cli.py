@@ -8,7 +8,10 @@ a Hydra main over its own config in conf/ (conf/<name>.yaml, run folder
   every setting with its default (conf/hydra/default.yaml has the layout);
 - a wrong override, a wrong setting or a missing file is one line on stderr,
   `error: ...`, and exit status 2; set HYDRA_FULL_ERROR=1 for the traceback;
-- free-text values (`prompt=这张图里有什么？`) reach Hydra quoted.
+- free-text values (`prompt=这张图里有什么？`) reach Hydra quoted;
+- a command with an overlay (eval.py: data -> data_overlay) takes `data.<key>=<value>`
+  without `data=<option>`: moved to `+data_overlay.<key>=<value>`, which the
+  task sets on top of what it starts from (eval.py: the model's own data).
 
 No library module imports this one (tests/test_layout.py).
 """
@@ -52,6 +55,19 @@ def quote_free_text(args: list[str], keys: tuple[str, ...] = FREE_TEXT_KEYS) -> 
     return out
 
 
+def move_overlays(args: list[str], overlays: dict[str, str]) -> list[str]:
+    """`group.key=value` becomes `+<overlay>.key=value` for each group of `overlays`
+    that no argument chooses an option of (`group=...`)."""
+    out = list(args)
+    for group, overlay in overlays.items():
+        chosen = any(a.split("=", 1)[0].lstrip("+~") == group for a in args if "=" in a)
+        if chosen:
+            continue
+        prefix = f"{group}."
+        out = [f"+{overlay}.{a[len(prefix) :]}" if a.startswith(prefix) and "=" in a else a for a in out]
+    return out
+
+
 def one_line(error: BaseException) -> str:
     """Hydra's and OmegaConf's messages span lines (and list the search path): one line."""
     message = " ".join(str(error).split()).split(" Config search path")[0]
@@ -66,13 +82,14 @@ def command(
     free_text: tuple[str, ...] = FREE_TEXT_KEYS,
     positional: str | None = None,
     doc: str | None = None,
+    overlays: dict[str, str] | None = None,
 ) -> Callable[[Callable[[DictConfig], None]], Callable[..., int]]:
     """Make `task(cfg)` a command over conf/<config_name>.yaml: a Hydra main that
     takes `argv` (default: the command line) and gives the exit status; the task
     ends with `sys.exit(status)` for a verdict other than success.
     `positional`: the key a lone bare argument sets (`python -m svlm.report
     <folder>` is `sweep=<folder>`). `--help` starts with `doc`, by default the
-    task's module docstring."""
+    task's module docstring. `overlays`: see move_overlays."""
 
     def wrap(task: Callable[[DictConfig], None]) -> Callable[..., int]:
         usage = doc or task.__globals__.get("__doc__") or ""
@@ -102,7 +119,7 @@ def command(
             if any(a in ("-h", "--help") for a in args):
                 print(usage.strip() + "\n")
             try:
-                with hydra_session(quote_free_text(args, free_text)):
+                with hydra_session(move_overlays(quote_free_text(args, free_text), overlays or {})):
                     hydra_main()
                 return 0
             except SystemExit as e:  # --help, Hydra's flag errors, the job's own status

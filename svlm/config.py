@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from svlm.data.chat import ImagePlacement
+from svlm.data.embedded import embedded_spec
 from svlm.errors import ConfigError
 from svlm.models.language_model import LMConfig
 from svlm.models.lora import LoraConfig
@@ -37,6 +38,9 @@ class ModelConfig:
     # Where a user turn's images go (svlm/data/chat.py): first (before the text, whatever
     # order data or requests give) or inline (as given). Recorded with the model.
     image_placement: ImagePlacement = "first"
+    # A linear read-out of each visual token's object (svlm/models/object_head.py), trained when
+    # stage.object_loss > 0 on data whose records list their objects (shapes, scenes).
+    object_head: bool = False
 
     def __post_init__(self) -> None:
         if self.vision.use_cls and self.projector.kind == "mlp" and self.projector.compress != "none":
@@ -69,7 +73,7 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     name: str = "shapes"
-    kind: Literal["shapes", "files"] = "shapes"  # shapes: generated here; files: your jsonl/json
+    kind: Literal["shapes", "scenes", "files"] = "shapes"  # shapes, scenes: generated here; files: your own
     root: str | None = None  # folder of the data files; shapes: null = generated under paths.cache
     # File and folder names under root; "{task}" becomes the stage's task
     # (pretrain in stage 1, sft in stage 2).
@@ -77,6 +81,8 @@ class DataConfig:
     train_file: str = "{task}_train.jsonl"
     val_file: str | None = "{task}_val.jsonl"  # None: hold out val_fraction of the training file
     test_file: str | None = "sft_test.jsonl"  # questions scored by exact match in eval.py
+    # More test files, each scored apart by eval.py under its name, e.g. {compositional: sft_test_compositional.jsonl}
+    test_sets: dict[str, str] = field(default_factory=dict)
     val_fraction: float = 0.0  # used when val_file is None
     # Any of these files may also be a table (svlm/data/hub.py): parquet/arrow files or a glob of
     # them, a save_to_disk folder, or a local copy of a hub data set repository ("." for data.root itself).
@@ -104,14 +110,17 @@ class DataConfig:
     # Encoder outputs computed once and stored under paths.cache/features (svlm/data/feature_cache.py):
     # auto = when the stage keeps the vision encoder frozen; true = always (an error if it trains); false = never.
     feature_cache: bool | Literal["auto"] = "auto"
-    # shapes only: what to generate
-    max_shapes: int = 1
+    # shapes and scenes: what to generate (svlm/data/shapes/, svlm/data/scenes/)
     n_train: int = 6000
     n_val: int = 300
     n_test: int = 600
     image_size: int = 64
     languages: list[str] = field(default_factory=lambda: ["en", "zh"])
     seed: int = 0
+    max_shapes: int = 1  # shapes only
+    max_objects: int = 4  # scenes only: objects a picture, 1 to this
+    n_compositional: int = 200  # scenes only: pictures of the compositional test split
+    questions: int = 12  # scenes only: questions a training picture is asked
 
     def __post_init__(self) -> None:
         if not 0 <= self.val_fraction < 1:
@@ -136,10 +145,8 @@ class DataConfig:
             raise ConfigError(f"data.max_len must be at least 8, got {self.max_len}")
         if self.group_window < 1:
             raise ConfigError(f"data.group_window is a number of batches (>= 1), got {self.group_window}")
-        if self.kind == "shapes":  # the generator's own checks, at start
-            from svlm.data.shapes import ShapesSpec
-
-            ShapesSpec(self.n_train, self.n_val, self.n_test, self.image_size, self.max_shapes, tuple(self.languages))
+        if self.kind != "files":  # the generator's own checks, at start
+            embedded_spec(self.kind, dataclasses.asdict(self))
 
 
 @dataclass
@@ -176,6 +183,11 @@ class StageConfig:
     # questions, read from paths.benchmarks/<repository name> (MMStar, POPE, ...).
     benchmarks: list[str] = field(default_factory=list)
     benchmark_limit: int = 200
+    # At each validation, up to this many validation questions of each type answered with and without
+    # the picture: skills/<type> in the metrics, <run_dir>/skills.png (svlm/evaluation/skills.py); 0: none.
+    skills: int = 32
+    # The weight of the object head's loss (model.object_head) in this stage's loss; 0: not trained.
+    object_loss: float = 0.0
 
     def __post_init__(self) -> None:
         from svlm.benchmarks.tasks import TASKS
@@ -205,6 +217,10 @@ class StageConfig:
             )
         if self.sample_grid < 0:
             raise ConfigError(f"stage.sample_grid is a number of samples (0: no grid), got {self.sample_grid}")
+        if self.object_loss < 0:
+            raise ConfigError(f"stage.object_loss is a weight (>= 0), got {self.object_loss}")
+        if self.skills < 0:
+            raise ConfigError(f"stage.skills is a number of questions a type (0: none), got {self.skills}")
         if not (self.train_vision or self.train_projector or self.unfreeze_lm_top_layers or self.train_text_embed):
             raise ConfigError(
                 "stage trains nothing: set stage.train_vision, stage.train_projector, "
@@ -310,6 +326,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.model.lm.path is not None and self.tokenizer.path is None:
             self.tokenizer.path = self.model.lm.path  # a pretrained language model reads with its own tokenizer
+        for stage in self.stages():
+            if stage.object_loss > 0:
+                check_object_head(self.model, stage)
 
     def stages(self) -> list[StageConfig]:
         return self.stage.stages() if isinstance(self.stage, BothStagesConfig) else [self.stage]
@@ -319,6 +338,8 @@ class TrainConfig:
 class EvalConfig:
     ckpt: str | None = None  # a model or run folder; None: the newest finished model
     data: DataConfig | None = None  # None: the data the model was trained on
+    # data.<key>=<value> given without data=<option>: set on top of the model's own data (svlm/cli.py moves them here)
+    data_overlay: dict[str, Any] = field(default_factory=dict)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     task: str = "sft"  # fills "{task}" in the data's file names
@@ -327,6 +348,7 @@ class EvalConfig:
     max_new_tokens: int = 32
     max_test: int | None = None  # score at most this many questions
     max_answer_tokens: int = 16  # only answers this short are scored by exact match
+    blind: bool = True  # also score every question with a blank picture (svlm/evaluation/baselines.py)
     benchmark: BenchmarkConfig | None = None  # a benchmark instead of the data's loss and accuracy
 
 
@@ -373,6 +395,18 @@ class InferConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def check_object_head(model: ModelConfig, stage: StageConfig) -> None:
+    """stage.object_loss needs an object head on a square grid of visual tokens, one view a picture."""
+    key = f"stage.object_loss={stage.object_loss} ({stage.name})"
+    if not model.object_head:
+        raise ConfigError(f"{key} trains the object head: set model.object_head=true")
+    if model.projector.kind != "mlp" or model.vision.tiles is not None or model.vision.use_cls:
+        raise ConfigError(
+            f"{key} labels each visual token by its patch of the picture: it needs model.projector.kind=mlp, "
+            "no model.vision.tiles and model.vision.use_cls=false"
+        )
 
 
 def load_train_config(cfg: Any) -> TrainConfig:

@@ -84,8 +84,8 @@ def test_eval_with_two_processes_gathers_the_same_results(one_process, cache_dir
     _run([sys.executable, "eval.py", *common, f"hydra.run.dir={base}/eval-one"], cache_dir)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
     _run([*torchrun, "eval.py", *common, f"hydra.run.dir={base}/eval-two"], cache_dir)
-    one = json.loads((base / "eval-one" / "metrics.json").read_text())
-    two = json.loads((base / "eval-two" / "metrics.json").read_text())
+    one = json.loads((base / "eval-one" / "results.json").read_text())
+    two = json.loads((base / "eval-two" / "results.json").read_text())
     assert one["accuracy_by"]["n"] == two["accuracy_by"]["n"] == 16 * 4  # every question once
     assert two["accuracy"] == one["accuracy"]
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)

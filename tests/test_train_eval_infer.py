@@ -213,7 +213,7 @@ def test_evaluate(trained, tmp_path, cache_dir, capsys):
         "hardware=cpu",
     ]
     results = evaluate(load_eval_config(compose("eval", overrides)))
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "results.json").read_text())
     assert metrics["model"] == str(stage2)
     assert 0.0 <= metrics["accuracy"] <= 1.0 and math.isfinite(metrics["val_loss"])
     assert metrics["accuracy_by"]["n"] == 8

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, get_worker_info
 
 from svlm.data.chat import IGNORE, IMAGE_TOKEN, ChatEncoder
+from svlm.data.drawing import ATTRIBUTES, object_labels
 from svlm.data.formats import BadSamples, DataError, Record, RecordReader, line_index, read_records
 from svlm.data.hub import Table
 from svlm.data.images import image_size, open_image
@@ -146,9 +147,13 @@ class _Conversations(Dataset):
             features = torch.stack([self.features.get(im, ex.where) for im in ex.images])  # (k, P, Dv) float16
         elif ex.images:  # (views, 3, S, S): one a picture, or each one's tiles and thumbnail
             pixels, _ = self.processor.all_views([open_image(im, ex.where) for im in ex.images])
-        item = {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels}
+        item = {"input_ids": ex.input_ids, "labels": ex.labels, "pixel_values": pixels, "n_images": len(ex.images)}
         if features is not None:
             item["vision_features"] = features
+        if isinstance(
+            ex.meta.get("objects"), list
+        ):  # what the picture shows (svlm/data/drawing.py): an object head's labels
+            item["objects"] = ex.meta["objects"]
         return item
 
 
@@ -305,10 +310,13 @@ class Collator:
     model, pads at the end never influence the real tokens). Images come as
     pixel_values (B_img, 3, S, S), every sample's in order, empty when there are
     none, and, from a data set with cached features, as vision_features
-    (B_img, P, Dv) float16 instead."""
+    (B_img, P, Dv) float16 instead. With object_grid g, object_targets
+    (B_img, g * g, attributes): each visual token's object (svlm/data/drawing.py;
+    -100 for pictures whose records do not list their objects)."""
 
-    def __init__(self, pad_id: int) -> None:
+    def __init__(self, pad_id: int, object_grid: int | None = None) -> None:
         self.pad_id = pad_id
+        self.object_grid = object_grid
 
     def __call__(self, items: list[dict | None]) -> dict[str, torch.Tensor]:
         bad = [(it["bad"], it["fatal"]) for it in items if it is not None and "bad" in it]  # found in a worker
@@ -324,14 +332,27 @@ class Collator:
         # here on the CPU: the training step then never asks the GPU how many there are.
         return self.finish({"input_ids": ids, "labels": labels, "target_index": target_positions(labels)}, items, bad)
 
-    @staticmethod
-    def finish(batch: dict, items: list[dict], bad: list) -> dict:
-        """Add the items' pictures (or cached features), in their order, and the bad samples a worker found."""
+    def finish(self, batch: dict, items: list[dict], bad: list) -> dict:
+        """Add the items' pictures (or cached features), in their order, their object
+        targets, and the bad samples a worker found."""
         pixels = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
         batch["pixel_values"] = torch.cat(pixels) if pixels else torch.zeros(0)
         features = [it["vision_features"] for it in items if it.get("vision_features") is not None]
         if features:
             batch["vision_features"] = torch.cat(features)
+        if self.object_grid:
+            batch["object_targets"] = self.object_targets(items)
         if bad:
             batch["bad_samples"] = bad
         return batch
+
+    def object_targets(self, items: list[dict]) -> torch.Tensor:
+        """(B_img, g * g, attributes): a one-picture item's objects, IGNORE for any other picture."""
+        g, rows = self.object_grid, []
+        for it in items:
+            n = it.get("n_images", 0)
+            if n == 1 and it.get("objects") is not None:
+                rows.append(torch.tensor(object_labels(it["objects"], g)))
+            else:
+                rows += [torch.full((g * g, len(ATTRIBUTES)), IGNORE)] * n
+        return torch.stack(rows) if rows else torch.zeros(0, g * g, len(ATTRIBUTES), dtype=torch.long)

@@ -93,8 +93,8 @@ class PackingCollator(Collator):
     the flattened rows, for a variable-length kernel); n_samples; the
     pictures in slot order."""
 
-    def __init__(self, pad_id: int, row_len: int, flat: bool = False) -> None:
-        super().__init__(pad_id)
+    def __init__(self, pad_id: int, row_len: int, flat: bool = False, object_grid: int | None = None) -> None:
+        super().__init__(pad_id, object_grid)
         self.row_len, self.flat = row_len, flat
 
     def __call__(self, items: list[dict | None]) -> dict[str, torch.Tensor]:

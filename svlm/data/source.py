@@ -3,6 +3,7 @@ tables), and the data sets that read them."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 from collections.abc import Iterator
@@ -13,25 +14,16 @@ from torch.utils.data import Dataset
 
 from svlm.config import ConfigError, DataConfig, SourceConfig
 from svlm.data.dataset import ChatDataset, LazyChatDataset, MixedDataset, TableChatDataset
+from svlm.data.embedded import build_embedded
 from svlm.data.formats import BadSamples, DataError, Record, read_records
 from svlm.data.hub import Table, is_table, parquet_files, parquet_text_records
-from svlm.data.shapes import ShapesSpec, build_shapes
 from svlm.data.streaming import StreamingChatDataset
 
 
 def data_root(cfg: DataConfig, cache: str) -> Path:
-    """The folder holding the data files (generating the shapes set if needed)."""
-    if cfg.kind == "shapes" and cfg.root is None:
-        spec = ShapesSpec(
-            n_train=cfg.n_train,
-            n_val=cfg.n_val,
-            n_test=cfg.n_test,
-            image_size=cfg.image_size,
-            max_shapes=cfg.max_shapes,
-            languages=tuple(cfg.languages),
-            seed=cfg.seed,
-        )
-        return build_shapes(spec, Path(cache) / "data")
+    """The folder holding the data files (generating the embedded set if needed)."""
+    if cfg.kind != "files" and cfg.root is None:
+        return build_embedded(cfg.kind, dataclasses.asdict(cfg), Path(cache) / "data")
     if cfg.root is None:
         raise ConfigError(f"data.root is required for data={cfg.name}: the folder holding your data files")
     root = Path(cfg.root)

@@ -1,14 +1,18 @@
-"""Scoring a model: validation loss and perplexity (teacher-forced), and
-exact-match answer accuracy on the test split by greedy generation, overall,
-per language and per question type (when the test records say them)."""
+"""Scoring a model (what eval.py runs): validation loss and perplexity
+(teacher-forced), and exact-match answer accuracy by greedy generation on the
+test split and each of data.test_sets, overall, per language and per question
+type (svlm/evaluation/answers.py), beside what the model scores with a blank
+picture and what the majority answer of each type scores
+(svlm/evaluation/baselines.py). Or, with benchmark=<task>, a standard
+benchmark (svlm/benchmarks/)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
-import re
-from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,12 +24,14 @@ from svlm.benchmarks.run import run_benchmark, table, write_results
 from svlm.benchmarks.task import Questions
 from svlm.benchmarks.tasks import TASKS
 from svlm.config import ConfigError, DataConfig, EvalConfig
-from svlm.data.chat import IGNORE, ChatEncoder
-from svlm.data.dataset import ChatDataset, Collator, take_bad
-from svlm.data.formats import BadSamples, DataError
-from svlm.data.source import DataFile, data_root, load_splits, open_dataset, split_file
+from svlm.data.chat import ChatEncoder
+from svlm.data.dataset import Collator, take_bad
+from svlm.data.formats import BadSamples, read_records
+from svlm.data.source import LAZY_BYTES, DataFile, data_file, data_root, load_splits, open_dataset, split_file
+from svlm.evaluation.answers import accuracy, answer_questions
+from svlm.evaluation.baselines import Majority, majority_answers, majority_correct
 from svlm.hardware import autocast_for, pick_device
-from svlm.inference.generation import generate, prepare_for_decoding
+from svlm.inference.generation import prepare_for_decoding
 from svlm.model_folder import load_model, resolve_model
 from svlm.models.vision import ImageProcessor
 from svlm.models.vlm import VLM
@@ -85,84 +91,6 @@ def validate(model: VLM, loader, autocast, max_batches: int | None = None, bad: 
     }
 
 
-def normalize(text: str) -> str:
-    """Lower case, no surrounding space or final punctuation (English and Chinese)."""
-    return re.sub(r"[\s.。!！?？,，]+$", "", text.strip().lower())
-
-
-BLOCK = 256  # prompts whose pictures are loaded at once
-
-
-@torch.no_grad()
-def answer_accuracy(
-    model: VLM,
-    tokenizer,
-    encoder: ChatEncoder,
-    ds: ChatDataset,
-    batch_size: int,
-    max_new_tokens: int,
-    limit: int | None,
-    max_answer_tokens: int,
-    rank: int = 0,
-    world: int = 1,
-) -> tuple[dict, list[dict]]:
-    """Greedy answers to the first question of each sample, compared with its
-    first answer (exact match after normalising). Samples whose reference
-    answer is longer than max_answer_tokens are not scored: exact match means
-    little for long answers."""
-    device = next(model.parameters()).device
-    items = []
-    for index in range(len(ds)):
-        if limit is not None and len(items) >= limit:
-            break
-        try:
-            ex = ds.example(index)
-        except DataError:  # reported where the data set was loaded
-            continue
-        start = next(i for i, lab in enumerate(ex.labels) if lab != IGNORE)  # first answer token
-        end = ex.labels.index(encoder.end_id, start) if encoder.end_id in ex.labels[start:] else len(ex.labels)
-        if end - start > max_answer_tokens:
-            continue
-        items.append({"index": index, "ids": ex.input_ids[:start], "reference": tokenizer.decode(ex.labels[start:end])})
-    items = items[rank::world]  # each process answers its share
-    # Prompts of any lengths decode together (a ragged batch: each row's tokens are those it gets
-    # alone), a block at a time so that only a block's pictures are in memory; shortest first, so
-    # that a block's prompts are alike in length and its prefills pad little.
-    items.sort(key=lambda it: len(it["ids"]))
-    for first in range(0, len(items), BLOCK):
-        fetched = [(it, ds[it["index"]]) for it in items[first : first + BLOCK]]
-        fetched = [(it, f) for it, f in fetched if f is not None]  # an unreadable image: skipped
-        views = [f["pixel_values"] for _, f in fetched if f["pixel_values"] is not None]
-        pixel_values = torch.cat(views).to(device) if views else None  # each sample's (k, 3, S, S), in order
-        outs = generate(model, [it["ids"] for it, _ in fetched], pixel_values, encoder.stop_ids, max_new_tokens,
-                        batch_size=batch_size)  # fmt: skip
-        for (it, _), out in zip(fetched, outs):
-            it["answer"] = tokenizer.decode(out, skip_special_tokens=True)
-    predictions = []
-    for it in sorted(items, key=lambda it: it["index"]):  # in the data set's order
-        if "answer" not in it:
-            continue
-        ex = ds.example(it["index"])
-        question = tokenizer.decode([t for t in it["ids"] if t != encoder.image_id], skip_special_tokens=True)
-        predictions.append({
-            "index": it["index"], "where": ex.where, "prompt": question.strip(), "reference": it["reference"],
-            "answer": it["answer"], "correct": normalize(it["answer"]) == normalize(it["reference"]),
-            "keys": ["all"] + [f"{k}/{ex.meta[k]}" for k in ("lang", "type") if k in ex.meta],
-        })  # fmt: skip
-    if world > 1:  # every process gets every prediction
-        gathered = [None] * world
-        dist.all_gather_object(gathered, predictions)
-        predictions = sorted((p for part in gathered for p in part), key=lambda p: p["index"])
-    totals, hits = defaultdict(int), defaultdict(int)
-    for p in predictions:
-        for k in p.pop("keys"):
-            totals[k] += 1
-            hits[k] += p["correct"]
-    acc = {k: hits[k] / totals[k] for k in sorted(totals)}
-    acc["n"] = totals["all"]
-    return acc, predictions
-
-
 def score_benchmark(cfg: EvalConfig, model, tokenizer, folder: Path, device, state) -> dict:
     """eval.py benchmark=<task>: its metrics printed, results.json and predictions.jsonl written."""
     bench = cfg.benchmark
@@ -185,85 +113,154 @@ def score_benchmark(cfg: EvalConfig, model, tokenizer, folder: Path, device, sta
     return {"model": str(folder), "benchmark": task.name, "questions": len(predictions), **metrics}
 
 
+def eval_data(cfg: EvalConfig, folder: Path, meta: dict) -> DataConfig:
+    """The data to score on: data=<option>, or the data the model was trained on
+    (its svlm.json) with any data.<key>= overrides (cfg.data_overlay) on top."""
+    if cfg.data is not None:
+        return cfg.data
+    if "data_config" not in meta:
+        raise ConfigError(f"{folder}/svlm.json does not say which data the model was trained on: pass data=<option>")
+    return build(DataConfig, {**meta["data_config"], **cfg.data_overlay}, "data")
+
+
+def majority_of(data_cfg: DataConfig, root: Path, task: str) -> Majority:
+    """The majority answers of the training file (none for tables or large files)."""
+    try:
+        train = split_file(data_cfg, root, "train", task)
+    except ConfigError:
+        return {}
+    if train is None or train.is_table or not train.path.is_file() or train.path.stat().st_size > LAZY_BYTES:
+        return {}
+    return majority_answers(read_records(train.path, on_error="skip", fmt=train.fmt))
+
+
+def score_questions(cfg: EvalConfig, model, tokenizer, encoder, ds, majority: Majority, state) -> tuple[dict, list]:
+    """Accuracy on a test set's questions, with the blind and majority figures beside it."""
+    predictions = answer_questions(model, tokenizer, encoder, ds, cfg.batch_size, cfg.max_new_tokens, cfg.max_test,
+                                   cfg.max_answer_tokens, state.process_index, state.num_processes, cfg.blind)  # fmt: skip
+    for p in predictions:
+        p["majority_correct"] = majority_correct(p, majority)
+    scores = {"accuracy_by": accuracy(predictions)}
+    scores["accuracy"] = scores["accuracy_by"].get("all", float("nan"))
+    if cfg.blind:
+        scores["blind_by"] = accuracy(predictions, "blind_correct")
+    if majority:
+        scores["majority_by"] = accuracy(predictions, "majority_correct")
+    return scores, predictions
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Score a model; launched with several processes (accelerate launch, torchrun),
     the processes share the samples and gather the results."""
     folder = resolve_model(cfg.ckpt, cfg.paths.outputs)
     device = pick_device(cfg.hardware)
     state = PartialState(cpu=device.type == "cpu")  # joins the process group when launched distributed
-    rank, world, main = state.process_index, state.num_processes, state.is_main_process
-    device = state.device if world > 1 else device
+    device = state.device if state.num_processes > 1 else device
     model, tokenizer, meta = load_model(folder, device)
-    if main:
-        print(f"evaluating {folder} ({meta.get('stage')}, model {meta.get('model')}) on {world} process(es)")
+    if state.is_main_process:
+        print(
+            f"evaluating {folder} ({meta.get('stage')}, model {meta.get('model')}) on {state.num_processes} process(es)"
+        )
     if cfg.benchmark is not None:
         return score_benchmark(cfg, model, tokenizer, folder, device, state)
-    data_cfg = cfg.data
-    if data_cfg is None:  # score on the data set the model was trained for
-        if "data_config" not in meta:
-            raise ConfigError(
-                f"{folder}/svlm.json does not say which data the model was trained on: pass data=<option>"
-            )
-        data_cfg = build(DataConfig, meta["data_config"], "data")
+    data_cfg = eval_data(cfg, folder, meta)
     root = data_root(data_cfg, cfg.paths.cache)
     encoder = ChatEncoder.for_model(tokenizer, model)
-    processor = ImageProcessor(model.cfg.vision)
-    max_len = min(data_cfg.max_len, model.cfg.lm.max_seq_len)
     bad = BadSamples()
+    reader = Reader(data_cfg, root, encoder, ImageProcessor(model.cfg.vision),
+                    min(data_cfg.max_len, model.cfg.lm.max_seq_len), bad)  # fmt: skip
     results: dict = {"model": str(folder), "stage": meta.get("stage")}
-
-    # Loss and perplexity: the validation split (a file, or the held-out
-    # fraction of the training file with the training seed); without one, the
-    # whole training file, as the original's `validate` did.
-    def read(file: DataFile) -> Dataset:
-        return open_dataset(data_cfg, file, encoder, processor, max_len, bad)
-
-    val_file = split_file(data_cfg, root, "val", cfg.task)
-    if val_file is not None:
-        val_ds = read(val_file)
-    else:
-        train_ds, val_ds = load_splits(data_cfg, root, cfg.task, encoder, processor, max_len, bad, meta.get("seed", 0))
-        val_ds = val_ds or train_ds
-    loader = DataLoader(shard(val_ds, rank, world), batch_size=cfg.batch_size, collate_fn=Collator(encoder.pad_id))
+    val_ds = reader.validation(cfg.task, meta.get("seed", 0))
+    loader = DataLoader(shard(val_ds, state.process_index, state.num_processes), batch_size=cfg.batch_size,
+                        collate_fn=Collator(encoder.pad_id))  # fmt: skip
     val = validate(model, loader, lambda: autocast_for(cfg.hardware, device), None if cfg.steps < 0 else cfg.steps, bad)
     results.update({"val_loss": val["val/loss"], "val_ppl": val["val/ppl"], "val_token_acc": val["val/token_acc"]})
 
-    # Answer accuracy: the test file when there is one, else the validation samples.
+    # Answer accuracy: the test file when there is one, else the validation samples; then data.test_sets.
     test_file = split_file(data_cfg, root, "test", cfg.task)
-    scored = read(test_file) if test_file else val_ds
+    tests = {"test": reader.read(test_file) if test_file else val_ds}
+    for name, file in data_cfg.test_sets.items():
+        tests[name] = reader.read(reader.test_set(name, file, cfg.task))
+    majority = majority_of(data_cfg, root, cfg.task)
     prepare_for_decoding(model, cfg.hardware.compile)  # after the loss: its batched matmuls keep the training layout
+    predictions = {}
     with autocast_for(cfg.hardware, device):
-        acc, predictions = answer_accuracy(
-            model,
-            tokenizer,
-            encoder,
-            scored,
-            cfg.batch_size,
-            cfg.max_new_tokens,
-            cfg.max_test,
-            cfg.max_answer_tokens,
-            rank,
-            world,
-        )
-    if acc["n"]:
-        results["accuracy"] = acc["all"]
-        results["accuracy_by"] = acc
+        for name, ds in tests.items():
+            scores, predictions[name] = score_questions(cfg, model, tokenizer, encoder, ds, majority, state)
+            if scores["accuracy_by"]["n"]:
+                if name == "test":
+                    results.update(scores)
+                else:
+                    results.setdefault("test_sets", {})[name] = scores
     if bad.total:
         results["bad_samples"] = dict(bad.counts)
-    if world > 1:  # every process leaves the group together: none exits while another still uses it
+    if state.num_processes > 1:  # every process leaves the group together: none exits while another still uses it
         state.wait_for_everyone()
         dist.destroy_process_group()
-    if not main:
-        return results
+    if state.is_main_process:
+        report(results, predictions, bad, Path(cfg.paths.run_dir))
+    return results
+
+
+@dataclass
+class Reader:
+    """How eval.py opens the data's files."""
+
+    data: DataConfig
+    root: Path
+    encoder: ChatEncoder
+    processor: ImageProcessor
+    max_len: int
+    bad: BadSamples
+
+    def read(self, file: DataFile) -> Dataset:
+        return open_dataset(self.data, file, self.encoder, self.processor, self.max_len, self.bad)
+
+    def validation(self, task: str, seed: int) -> Dataset:
+        """Loss and perplexity are measured on the validation split (a file, or the
+        held-out fraction of the training file with the training seed); without
+        one, on the whole training file, as the original's `validate` did."""
+        val_file = split_file(self.data, self.root, "val", task)
+        if val_file is not None:
+            return self.read(val_file)
+        train, val = load_splits(self.data, self.root, task, self.encoder, self.processor, self.max_len, self.bad, seed)
+        return val or train
+
+    def test_set(self, name: str, file: str, task: str) -> DataFile:
+        """data.test_sets.<name>: a file under data.root, read as the test file is."""
+        found = dataclasses.replace(data_file(self.data, self.root, task, "test"), path=self.root / file)
+        if not found.exists():
+            raise ConfigError(f"data.test_sets.{name}: {found.path} does not exist")
+        return found
+
+
+def report(results: dict, predictions: dict[str, list[dict]], bad: BadSamples, out: Path) -> None:
+    """The scores printed; results.json and each test set's predictions (predictions[_<set>].jsonl) written."""
     if bad.total:
         print(bad.summary())
-    out = Path(cfg.paths.run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for p in predictions:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    (out / "metrics.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
-    for k, v in results.get("accuracy_by", {}).items():
-        print(f"  accuracy {k}: {v:.4f}" if k != "n" else f"  questions scored: {v}")
+    for name, found in predictions.items():
+        with open(
+            out / ("predictions.jsonl" if name == "test" else f"predictions_{name}.jsonl"), "w", encoding="utf-8"
+        ) as f:
+            for p in found:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    blocks = {"test": results} if "accuracy_by" in results else {}
+    for name, scores in {**blocks, **results.get("test_sets", {})}.items():
+        print(score_table(name, scores))
+    print(f"results: {out / 'results.json'}")
     print(f"accuracy={results.get('accuracy', float('nan')):.4f} val_loss={results['val_loss']:.4f}")
-    return results
+
+
+def score_table(name: str, scores: dict) -> str:
+    """Accuracy per key (all, lang/*, type/*), with the blind and majority figures beside it."""
+    columns = [("model", scores["accuracy_by"])]
+    columns += [
+        (title, scores[k]) for title, k in (("blank picture", "blind_by"), ("majority", "majority_by")) if k in scores
+    ]
+    lines = [f"{name} ({scores['accuracy_by']['n']} questions)".ljust(28) + "".join(f"{t:>15}" for t, _ in columns)]
+    for key in (k for k in scores["accuracy_by"] if k != "n"):
+        cells = "".join(f"{c[key]:>15.4f}" if key in c else f"{'-':>15}" for _, c in columns)
+        lines.append(f"  {key}".ljust(28) + cells)
+    return "\n".join(lines)

@@ -42,7 +42,7 @@ from svlm.atomic import new_file
 from svlm.data.chat import IGNORE, ChatEncoder
 from svlm.data.formats import DataError
 from svlm.data.images import open_image
-from svlm.evaluation.evaluate import normalize
+from svlm.evaluation.answers import normalize
 from svlm.inference.generation import generate
 from svlm.models.vision import ImageProcessor
 from svlm.models.vlm import VLM

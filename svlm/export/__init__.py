@@ -95,6 +95,11 @@ def export_problems(cfg: VLMConfig, num_register_tokens: int = 0) -> list[str]:
                 f"a projector hidden width of {p.hidden} (model.projector.hidden): LLaVA's and InternVL's is the "
                 f"language model's width ({cfg.lm.d_model}); use model.projector.hidden=null"
             )
+        if p.pos_embed:
+            found.append(
+                "learned positions of the visual tokens (model.projector.pos_embed=true): LLaVA's and InternVL's "
+                "projectors have none"
+            )
         found += format_for(cfg).problems(cfg)
     return found + lm_problems(cfg.lm)
 

@@ -74,6 +74,8 @@ def problems(cfg: VLMConfig) -> list[str]:
 def hf_name(name: str) -> str | None:
     """Our parameter name -> InternVLForConditionalGeneration's (None: no counterpart)."""
     head, _, rest = name.partition(".")
+    if head == "object_head":  # a training aid (svlm/models/object_head.py): no counterpart
+        return None
     if head == "vision":
         rest = rest.removeprefix("dinov2.")
         if rest == "embeddings.mask_token":  # only for masked-image pretraining: unused here

@@ -50,12 +50,14 @@ def hf_name(name: str) -> str | None:
         return "model.multi_modal_projector." + rest.replace("fc1.", "linear_1.").replace("fc2.", "linear_2.")
     if head == "lm":
         return lm_name(rest)
+    if head == "object_head":  # a training aid (svlm/models/object_head.py): no counterpart
+        return None
     raise KeyError(f"no LLaVA name for {name}")
 
 
 def export_weights(model: VLM) -> dict:
     """Our weights under LLaVA's names."""
-    return {hf_name(k): v for k, v in model.state_dict().items()}
+    return {hf_name(k): v for k, v in model.state_dict().items() if hf_name(k) is not None}
 
 
 def hf_config(model: VLM, tokenizer):

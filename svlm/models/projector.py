@@ -25,6 +25,9 @@ class ProjectorConfig:
     factor: int = 2  # r: an r x r block of patches becomes one token
     norm: bool = True  # mlp only: LayerNorm on the input features
     hidden: int | None = None  # width of the hidden layer; None: the output width
+    # mlp only: a learned embedding of each visual token's place in the grid, added to the token
+    # (the token then says where in the picture it is, whatever the encoder kept of that)
+    pos_embed: bool = False
     queries: int = 32  # resampler only
     heads: int = 8  # resampler only
 
@@ -70,10 +73,12 @@ class MLPProjector(nn.Module):
         self.norm = nn.LayerNorm(feat) if cfg.norm else nn.Identity()
         self.fc1 = nn.Linear(feat, hidden)
         self.fc2 = nn.Linear(hidden, out_dim)
+        self.pos = nn.Parameter(torch.randn(self.num_tokens, out_dim) * 0.02) if cfg.pos_embed else None
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         x = compress_grid(patches, self.cfg.compress, self.cfg.factor)  # (B, N, feat)
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))  # (B, N, out_dim)
+        x = self.fc2(F.gelu(self.fc1(self.norm(x))))  # (B, N, out_dim)
+        return x if self.pos is None else x + self.pos.to(x.dtype)
 
 
 class Resampler(nn.Module):

@@ -12,6 +12,7 @@ from torch import nn
 
 from svlm.models.kv_cache import KVCache
 from svlm.models.language_model import LanguageModel, LMConfig
+from svlm.models.object_head import ObjectHead
 from svlm.models.packed_attention import Packing
 from svlm.models.projector import ProjectorConfig, build_projector
 from svlm.models.vision import VisionConfig, VisionEncoder
@@ -28,6 +29,7 @@ class VLMConfig:
     image_placement: str = "first"  # where prompts put a user turn's images (svlm/data/chat.py)
     chat_format: str = "ours"  # "ours" or "tokenizer": the tokenizer's own chat template (svlm/data/lm_template.py)
     stop_ids: list[int] = field(default_factory=list)  # generation also stops here (a pretrained LM's eos ids)
+    object_classes: list[int] = field(default_factory=list)  # an object head's classes an attribute ([]: none)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,6 +44,7 @@ class VLMConfig:
             image_placement=d.get("image_placement", "first"),  # folders from before it was recorded: first
             chat_format=d.get("chat_format", "ours"),
             stop_ids=list(d.get("stop_ids", [])),
+            object_classes=list(d.get("object_classes", [])),
         )
 
 
@@ -102,6 +105,9 @@ class VLM(nn.Module):
             cfg.projector, self.vision.hidden_size, cfg.lm.embed_dim, self.vision.num_patches + cfg.vision.use_cls
         )
         self.freeze_vision = False
+        # stage.object_loss: an auxiliary read-out of each visual token's object (svlm/models/object_head.py)
+        self.object_head = ObjectHead(cfg.lm.embed_dim, cfg.object_classes) if cfg.object_classes else None
+        self.object_weight = 0.0  # its weight in the loss (the stage sets it)
 
     def compile_blocks(self) -> None:
         """torch.compile each transformer block, of the language model and of the
@@ -138,6 +144,12 @@ class VLM(nn.Module):
         The images come as pixel_values (n_images, 3, S, S), or as vision_features
         (n_images, P, Dv): what the vision encoder outputs for them (from the
         feature cache, svlm/data/feature_cache.py), which skips the encoder."""
+        return self.splice(input_ids, pixel_values, vision_features)[0]
+
+    def splice(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, vision_features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(embed's embeddings (B, T, E), the visual tokens (n_images, N, E) or None without images)."""
         embeds = self.lm.embed(input_ids)  # (B, T, E)
         slots = input_ids == self.cfg.image_token_id  # (B, T)
         has_pixels = pixel_values is not None and pixel_values.shape[0] > 0
@@ -146,7 +158,7 @@ class VLM(nn.Module):
             raise ValueError("give the images as pixel_values or as vision_features, not both")
         if not (has_pixels or has_features):
             check_slots(slots, 0, "no image was given")
-            return embeds
+            return embeds, None
         if has_features:
             visual = self.project(vision_features)  # (n_images, N, E)
         else:
@@ -155,7 +167,7 @@ class VLM(nn.Module):
                     f"{visual.shape[0]} image(s) x {visual.shape[1]} visual tokens were given")  # fmt: skip
         # Images fill the placeholder slots in reading order (row by row).
         embeds = embeds.masked_scatter(slots.unsqueeze(-1), visual.to(embeds.dtype).reshape(-1))
-        return embeds
+        return embeds, visual
 
     def forward(
         self,
@@ -169,12 +181,14 @@ class VLM(nn.Module):
         logits_at: torch.Tensor | None = None,  # (B,): logits (B, V) at one position a row (a prefill)
         positions: torch.Tensor | None = None,  # packed rows (svlm/data/packing.py): (B, T) within each sample
         packing: Packing | None = None,  # and which tokens see which
+        object_targets: torch.Tensor | None = None,  # (n_images, N, A): each visual token's object (ObjectHead)
     ) -> VLMOutput:
         """Without labels: logits at every position (or at logits_at). With
         labels: the next-token loss, with logits computed only where a
         supervised token follows: the picture's slots and the prompt need no
-        vocabulary-sized output."""
-        embeds = self.embed(input_ids, pixel_values, vision_features)
+        vocabulary-sized output; with object_targets and an object weight,
+        plus the object head's loss times that weight."""
+        embeds, visual = self.splice(input_ids, pixel_values, vision_features)
         out = self.lm(inputs_embeds=embeds, cache=cache, head=labels is None, valid=valid, logits_at=logits_at,
                       positions=positions, packing=packing)  # fmt: skip
         if labels is None:
@@ -190,4 +204,7 @@ class VLM(nn.Module):
         n_tokens = target_index.shape[0]
         ce_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
         ce = ce_sum / max(n_tokens, 1)  # a batch with no supervised token gives 0, not NaN
-        return VLMOutput(logits, ce + out.aux_loss, ce, n_tokens, target_index, targets)
+        aux = out.aux_loss
+        if self.object_head is not None and self.object_weight and object_targets is not None and visual is not None:
+            aux = aux + self.object_weight * self.object_head.loss(visual, object_targets)
+        return VLMOutput(logits, ce + aux, ce, n_tokens, target_index, targets)

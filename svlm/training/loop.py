@@ -36,6 +36,7 @@ from svlm.data.formats import BadSamples, check_bad_fraction
 from svlm.data.source import data_root
 from svlm.evaluation.evaluate import validate
 from svlm.evaluation.samples import sample_grid
+from svlm.evaluation.skills import draw_skills, score_skills
 from svlm.hardware import make_accelerator
 from svlm.model_folder import is_model_folder, model_key, resolve_model
 from svlm.report import draw_curves
@@ -48,10 +49,12 @@ from svlm.training.checkpoint import (
     rng_state,
     save_stage_model,
 )
-from svlm.training.metrics import Figures, MetricsLog
+from svlm.training.metrics import Figures, MetricsLog, last_time
 from svlm.training.prepare import StageRun, prepare
 from svlm.training.signals import StopRequested, TrainingStopped
 from svlm.training.step import skips_on_device, train_step
+
+SKILL_BATCH = 64  # skill questions answered together
 
 # ------------------------------------------------------------------------ stage
 
@@ -95,7 +98,7 @@ def fit(run: StageRun, stop: StopRequested) -> None:
     log = MetricsLog(run.dir / "metrics.jsonl", run.cfg, stage.name, run.main)
     bar = tqdm(total=run.total, initial=pos.step, desc=stage.name, disable=not run.main, dynamic_ncols=True)
     figures = Figures(run, log, bar)
-    run.started = figures.t0
+    run.started = figures.t0 - (last_time(run.dir / "metrics.jsonl") if pos.step else 0.0)  # a resume's clock goes on
     stream = batches(run)
     run.model.train()
     skip_on_device = not run.sharded and skips_on_device(run.optimizer)
@@ -158,7 +161,15 @@ def evaluate_now(run: StageRun, log: MetricsLog, bar, step: int) -> None:
     sample_grid(run.raw, run.encoder, run.val_ds, stage.sample_grid, run.dir / "samples" / f"step-{step:07d}.png",
                 f"{stage.name} step {step}", step=step, autocast=run.accelerator.autocast, main=run.main,
                 sharded=run.sharded, wandb_run=log.wandb)  # fmt: skip
-    if run.benchmarks and not run.sharded:  # a sharded model (FSDP, DeepSpeed) generates nowhere whole
+    if run.skills is not None and not run.sharded:  # a sharded model (FSDP, DeepSpeed) generates nowhere whole
+        skills = score_skills(run.raw, run.tokenizer, run.encoder, run.skills, SKILL_BATCH,
+                              run.accelerator.process_index, run.world, run.accelerator.autocast())  # fmt: skip
+        log.log({"step": step, "time": time.time() - run.started, **skills})
+        bar.write(f"[{stage.name}] step {step}: skills " + ", ".join(f"{k[7:]}={v:.2f}" for k, v in skills.items()
+                                                               if k.startswith("skills/")))  # fmt: skip
+        if run.main:
+            draw_skills(Path(run.cfg.paths.run_dir))
+    if run.benchmarks and not run.sharded:
         figures = {}
         for name, questions in run.benchmarks.items():
             metrics, _ = run_benchmark(run.raw, run.encoder, questions, stage.benchmark_limit, None, run.micro,

@@ -73,6 +73,14 @@ def truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+def last_time(path: Path) -> float:
+    """The latest `time` logged in a metrics file (0 when none): where a resumed stage's clock goes on from."""
+    if not path.is_file():
+        return 0.0
+    times = [json.loads(line).get("time", 0.0) for line in path.read_text().splitlines() if line.strip()]
+    return max(times, default=0.0)
+
+
 class Figures:
     """The steps' figures, kept on the device until read in one go (one sync):
     the window of losses for the log line, the last gradient norm, and the
@@ -124,6 +132,7 @@ class Figures:
             "train/aux_loss": float((out.loss - out.ce_loss).detach()),
             "train/grad_norm": self.last_grad_norm,
             "samples_per_s": (pos.seen - self.seen0) / (time.time() - self.t0),
+            "time": time.time() - self.run.started,  # seconds since the stage began (the skill curves' axis)
         }
         self.log.log(record)
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['train/lr']:.1e}")

@@ -29,6 +29,9 @@ def set_trainable(model: VLM, stage: StageConfig, fresh: bool = False) -> list[s
             layer.requires_grad_(False)
     model.freeze_vision = not stage.train_vision
     model.projector.requires_grad_(stage.train_projector)
+    model.object_weight = stage.object_loss
+    if model.object_head is not None:
+        model.object_head.requires_grad_(stage.object_loss > 0)
     lm = model.lm
     n_layers = len(lm.layers)
     top = n_layers if stage.unfreeze_lm_top_layers == -1 else min(stage.unfreeze_lm_top_layers, n_layers)
@@ -75,7 +78,7 @@ def _no_decay_ids(model: nn.Module) -> set[int]:
         ):
             ids.update(id(p) for p in direct)
     for name, p in model.named_parameters():
-        if p.ndim < 2 or name.endswith("queries"):
+        if p.ndim < 2 or name.endswith(("queries", "projector.pos")):
             ids.add(id(p))
     return ids
 
@@ -93,7 +96,8 @@ def param_groups(model: VLM, stage: StageConfig) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        part = name.split(".")[0] if name.split(".")[0] in lrs else "lm"
+        first = "projector" if name.startswith("object_head.") else name.split(".")[0]  # the head reads its tokens
+        part = first if first in lrs else "lm"
         groups.setdefault((part, id(p) in no_decay), []).append(p)
     return [
         {

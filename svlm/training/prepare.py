@@ -28,14 +28,16 @@ from svlm.benchmarks.tasks import TASKS
 from svlm.config import ConfigError, StageConfig, TrainConfig
 from svlm.data.chat import ChatEncoder, chat_format_of
 from svlm.data.dataset import ChatDataset, Collator, MixedDataset
+from svlm.data.drawing import object_classes
 from svlm.data.feature_cache import attach as attach_features
 from svlm.data.feature_cache import cache_applies
 from svlm.data.formats import BadSamples, check_bad_fraction
 from svlm.data.packing import PackingCollator
 from svlm.data.sampler import EpochSampler
-from svlm.data.source import load_splits, train_files
+from svlm.data.source import load_splits, split_file, train_files
 from svlm.data.streaming import DeviceLoader, StreamingChatDataset
 from svlm.evaluation.evaluate import shard
+from svlm.evaluation.skills import QuestionSet, skill_questions
 from svlm.memory import CONTEXT_GIB, choose_optimizer
 from svlm.model_folder import load_model, model_key
 from svlm.models.lora import ADAPTERS, is_adapter, load_adapters
@@ -62,6 +64,7 @@ def build_model(cfg: TrainConfig, tokenizer) -> VLM:
         image_placement=cfg.model.image_placement,
         chat_format=chat_format_of(tokenizer),
         stop_ids=eos_ids(cfg.model.lm.path) if cfg.model.lm.path else [],
+        object_classes=object_classes() if cfg.model.object_head else [],
     )
     return VLM(vlm_cfg, lm=pretrained)
 
@@ -112,6 +115,7 @@ class StageRun:
     val: dict = field(default_factory=dict)  # the latest validation figures
     started: float = field(default_factory=time.time)
     benchmarks: dict = field(default_factory=dict)  # stage.benchmarks: name -> Questions, opened once
+    skills: QuestionSet | None = None  # stage.skills: the validation questions scored per type
 
     @property
     def main(self) -> bool:
@@ -155,7 +159,8 @@ def prepare(cfg, stage, accelerator, init, root, stop, resume) -> StageRun:
     if not any(d.lazy for d in sources(train_ds)):  # every record was read: judge the data now
         check_bad_fraction(bad, len(train_ds) + (len(val_ds) if val_ds else 0), cfg.data.max_bad_fraction)
     micro, accum, total = batch_plan(cfg, stage, accelerator.num_processes, len(train_ds))
-    sampler, loader, val_loader = make_loaders(cfg, stage, accelerator, train_ds, val_ds, encoder.pad_id, micro)
+    grid = math.isqrt(model.num_image_tokens) if stage.object_loss > 0 else None  # the object head's labels
+    sampler, loader, val_loader = make_loaders(cfg, stage, accelerator, train_ds, val_ds, encoder.pad_id, micro, grid)
     if cfg.data.packing:
         device, n = accelerator.device, cfg.data.max_len
         layout = "go end to end in one row (no padding)" if end_to_end(device, n) else "share rows"
@@ -180,6 +185,9 @@ def prepare(cfg, stage, accelerator, init, root, stop, resume) -> StageRun:
     if state is not None:
         restore(run, state, resume)
     run.benchmarks = benchmarks
+    if val_ds is not None and cfg.data.val_file is not None:
+        run.skills = skill_questions(split_file(cfg.data, root, "val", stage.task), encoder, processor, max_len,
+                                     stage.skills)  # fmt: skip
     announce(run, max_len)
     return run
 
@@ -228,7 +236,7 @@ def start_model(cfg, stage, accelerator, init, root, resume, key) -> tuple[VLM, 
             )
         accelerator.print(f"[{stage.name}] {'resuming' if resume else 'starting'} from {start}")
     else:
-        tokenizer = tokenizer_for_data(cfg.tokenizer, train_files(cfg.data, root, stage.task))
+        tokenizer = tokenizer_for_data(cfg.tokenizer, tokenizer_files(cfg, stage, root))
         model = build_model(cfg, tokenizer)
     for w in set_trainable(model, stage, fresh=start is None):
         accelerator.print(f"[{stage.name}] note: {w}")
@@ -239,6 +247,24 @@ def start_model(cfg, stage, accelerator, init, root, resume, key) -> tuple[VLM, 
         if stage.train_vision:
             model.vision.dinov2.gradient_checkpointing_enable()
     return model, tokenizer
+
+
+def tokenizer_files(cfg: TrainConfig, stage: StageConfig, root: Path) -> list:
+    """What our BPE learns from: the training files of every task the data has
+    (stage 1's captions and stage 2's questions; a stage-1 model's tokenizer
+    serves its stage 2 too). Learned from captions alone, the questions' words
+    came out in pieces: the scenes questions took 38% more tokens."""
+    found = {}
+    for task in dict.fromkeys([stage.task, *(s.task for s in cfg.stages()), "pretrain", "sft"]):
+        try:
+            files = train_files(cfg.data, root, task)
+        except ConfigError:  # the data has no file for this task
+            if task == stage.task:
+                raise
+            continue
+        for f in files:
+            found.setdefault(f.path, f)
+    return list(found.values())
 
 
 def restore_adapters(model: VLM, checkpoint: Path) -> None:
@@ -270,13 +296,13 @@ def batch_plan(cfg: TrainConfig, stage: StageConfig, world: int, n_samples: int)
     return micro, stage.batch_size // (micro * world), total
 
 
-def make_loaders(cfg, stage, accelerator, train_ds, val_ds, pad_id: int, micro: int):
+def make_loaders(cfg, stage, accelerator, train_ds, val_ds, pad_id: int, micro: int, object_grid: int | None = None):
     """(sampler, training loader, validation loader or None); each process
     validates its own shard, and validate() adds the sums up."""
-    collate = Collator(pad_id)
+    collate = Collator(pad_id, object_grid)
     flat = end_to_end(accelerator.device, cfg.data.max_len)
     train_collate = (
-        PackingCollator(pad_id, cfg.data.max_len, flat) if cfg.data.packing else collate
+        PackingCollator(pad_id, cfg.data.max_len, flat, object_grid) if cfg.data.packing else collate
     )  # validation: unpacked
     workers = cfg.hardware.num_workers
     # Each loader seeds its workers from its own generator: starting an epoch (as a resume does

@@ -66,7 +66,7 @@ def train_step(
             with phase("forward"), accelerator.autocast():
                 out = model(batch["input_ids"], batch["pixel_values"], batch["labels"],
                             vision_features=batch.get("vision_features"), target_index=batch["target_index"],
-                            **packed_inputs(batch, accelerator.device))  # fmt: skip
+                            object_targets=batch.get("object_targets"), **packed_inputs(batch, accelerator.device))  # fmt: skip
             # DDP averages gradients over processes: scale by `world` to get the global token mean.
             loss = out.ce_loss * out.n_tokens * (world / step_tokens) + (out.loss - out.ce_loss) / accum
             with phase("backward"):

@@ -21,30 +21,19 @@ and existence questions join in.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from svlm.atomic import new_folder
+from svlm.data.drawing import COLOURS, KINDS, SIZES, background, draw_shape, shade
+from svlm.data.generated import build_cached, conversation, settings_key
 from svlm.errors import ConfigError
 
-VERSION = 4  # bump when the drawing or the wording changes: the cache key includes it
+VERSION = 5  # bump when the drawing or the wording changes: the cache key includes it
 
-COLOURS = {  # name: (Chinese, RGB)
-    "red": ("红色", (215, 35, 35)),
-    "orange": ("橙色", (245, 135, 20)),
-    "yellow": ("黄色", (230, 210, 25)),
-    "green": ("绿色", (35, 160, 55)),
-    "blue": ("蓝色", (35, 75, 215)),
-    "purple": ("紫色", (135, 45, 185)),
-}
-KINDS = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "cross": "十字形"}
-SIZES = {"small": "小", "large": "大"}
 POSITIONS = {"top left": "左上", "top right": "右上", "bottom left": "左下", "bottom right": "右下"}
 NUMBERS_ZH = {1: "一", 2: "两", 3: "三", 4: "四"}
 
@@ -87,16 +76,14 @@ class ShapesSpec:
             raise ConfigError("data.n_train, data.n_val and data.n_test must all be at least 1")
 
     def key(self) -> str:
-        blob = json.dumps({"version": VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return settings_key(self, VERSION)
 
 
 # --------------------------------------------------------------------- drawing
 
 
 def draw(shapes: list[Shape], size: int, rng: random.Random) -> Image.Image:
-    background = tuple(rng.randint(200, 255) for _ in range(3))
-    image = Image.new("RGB", (size, size), background)
+    image = Image.new("RGB", (size, size), background(rng))
     d = ImageDraw.Draw(image)
     half = size / 2
     for s in shapes:
@@ -107,19 +94,7 @@ def draw(shapes: list[Shape], size: int, rng: random.Random) -> Image.Image:
         margin = r + 1
         cx = col * half + rng.uniform(margin, half - margin) if half - margin > margin else col * half + half / 2
         cy = row * half + rng.uniform(margin, half - margin) if half - margin > margin else row * half + half / 2
-        fill = tuple(max(0, min(255, c + rng.randint(-15, 15))) for c in COLOURS[s.colour][1])
-        box = (cx - r, cy - r, cx + r, cy + r)
-        if s.kind == "circle":
-            d.ellipse(box, fill=fill)
-        elif s.kind == "square":
-            q = r * 0.85
-            d.rectangle((cx - q, cy - q, cx + q, cy + q), fill=fill)
-        elif s.kind == "triangle":
-            d.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
-        else:  # cross
-            w = r * 0.36
-            d.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
-            d.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
+        draw_shape(d, s.kind, cx, cy, r, shade(s.colour, rng))
     return image
 
 
@@ -218,15 +193,6 @@ def questions(shapes: list[Shape], multi: bool, lang: str, rng: random.Random) -
     return out
 
 
-def conversation(turns: list[tuple[str, str]]) -> list[dict]:
-    """[(question, answer), ...] -> the original's `conversations`; <image> opens the first question."""
-    conv = []
-    for i, (q, a) in enumerate(turns):
-        conv.append({"role": "user", "content": ("<image>\n" if i == 0 else "") + q})
-        conv.append({"role": "assistant", "content": a})
-    return conv
-
-
 # -------------------------------------------------------------------- writing
 
 
@@ -260,29 +226,26 @@ def _split_records(split: str, n: int, spec: ShapesSpec, root: Path, rng: random
                     }
                 )
             continue
-        turns = [(q, a) for _, q, a in qa]
         if rng.random() < 0.3:  # keep captioning alive in stage 2
-            turns.append((rng.choice(CAPTION_PROMPTS[lang]), cap))
-        rng.shuffle(turns)
-        files["sft"].append({"id": f"{split}-{i}", "image": name, "lang": lang, "conversations": conversation(turns)})
+            qa.append(("caption", rng.choice(CAPTION_PROMPTS[lang]), cap))
+        rng.shuffle(qa)
+        files["sft"].append({
+            "id": f"{split}-{i}", "image": name, "lang": lang, "types": [t for t, _, _ in qa],
+            "conversations": conversation([(q, a) for _, q, a in qa]),
+        })  # fmt: skip
     return files
 
 
 def build_shapes(spec: ShapesSpec, cache_dir: str | os.PathLike) -> Path:
     """Write the data set under cache_dir (once) and return its folder."""
-    root = Path(cache_dir) / f"shapes-{spec.key()}"
-    if (root / "DONE").is_file():
-        return root
-    with new_folder(root, replace=False) as tmp:  # another process may build the same one at once
-        (tmp / "images").mkdir()
+
+    def write(root: Path) -> dict[str, list[dict]]:
         rng = random.Random(spec.seed)
+        out = {}
         for split, n in (("train", spec.n_train), ("val", spec.n_val), ("test", spec.n_test)):
-            for task, records in _split_records(split, n, spec, tmp, rng).items():
-                if split == "test" and task == "pretrain":
-                    continue
-                with open(tmp / f"{task}_{split}.jsonl", "w", encoding="utf-8") as f:
-                    for rec in records:
-                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        (tmp / "spec.json").write_text(json.dumps({"version": VERSION, **asdict(spec)}, indent=2))
-        (tmp / "DONE").write_text("")
-    return root
+            for task, records in _split_records(split, n, spec, root, rng).items():
+                if not (split == "test" and task == "pretrain"):
+                    out[f"{task}_{split}.jsonl"] = records
+        return out
+
+    return build_cached("shapes", spec, VERSION, cache_dir, write)
