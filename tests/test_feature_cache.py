@@ -202,7 +202,8 @@ def test_training_with_the_cache(tmp_path, cache_dir, shapes_root, capsys, monke
     # uses the same cache, and a later run computes nothing.
     folders = [p for p in (cache_dir / "features").iterdir() if p.is_dir()]
     both = ["stage.stage1.train_vision=false", "stage.stage2.train_vision=false"]
-    both += ["stage.stage1.sample_grid=0", "stage.stage2.sample_grid=0"]  # the grid reads its pictures
+    both += ["stage.stage1.sample_grid=0", "stage.stage2.sample_grid=0"]  # the grid reads its pictures,
+    both += ["stage.stage1.skills=0", "stage.stage2.skills=0"]  # and so do the skill questions (blank ones too)
     run("both-first", *both, stage="both")
     out = capsys.readouterr().out
     assert out.count("feature cache:") == 4 and ", 0 computed now" in out, out  # stage 1 drew the same pictures

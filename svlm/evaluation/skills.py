@@ -69,7 +69,7 @@ def single_questions(records: Iterable[Record], per_type: int) -> list[Record]:
             if qtype == "caption" or taken[qtype] >= per_type:
                 continue
             taken[qtype] += 1
-            meta = {"lang": rec.meta.get("lang"), "type": qtype}
+            meta = {**{k: v for k, v in rec.meta.items() if k != "types"}, "type": qtype}
             out.append(
                 Record([("user", f"{IMAGE_TOKEN}\n{q}"), ("assistant", a)], rec.images, f"{rec.where}#{i}", meta)
             )
