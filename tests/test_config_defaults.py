@@ -36,7 +36,9 @@ DEFAULTS = {  # group -> (its default option, the dataclass that holds the same 
     "paths": ("default", PathsConfig),
 }
 # Experiment stages are merged on top of the stage group's option of the same stage.
-IMPLICIT_BASE = {f"experiment/stage/svlm_{s}.yaml": f"stage/{s}.yaml" for s in ("stage1", "stage2")}
+STAGE_FILES = ("experiment/stage/svlm_{}.yaml", "recipe/stage/tiny_scenes_{}.yaml")  # each builds on stage/<stage>.yaml
+CHOOSES = {"experiment": "experiment=svlm", "recipe": "data=scenes"}  # what selects a folder's stage files
+IMPLICIT_BASE = {f.format(s): f"stage/{s}.yaml" for f in STAGE_FILES for s in ("stage1", "stage2")}
 
 
 def own(path: Path) -> dict:
@@ -92,7 +94,7 @@ def known(key: str, base: dict) -> bool:
 
 def option_files() -> list[Path]:
     files = [p for group in DEFAULTS for p in sorted((CONF / group).glob("*.yaml"))]
-    return files + sorted((CONF / "experiment" / "stage").glob("svlm_stage*.yaml"))
+    return files + [CONF / f for f in IMPLICIT_BASE]
 
 
 def name(path: Path) -> str:
@@ -144,9 +146,9 @@ def test_options_state_only_what_they_change(path):
 @pytest.mark.parametrize("path", [p for p in option_files() if name(p) != "stage/both.yaml"], ids=name)
 def test_each_option_composes_to_its_base_with_its_changes(path):
     group = path.parent.name
-    if group == "stage" and path.parent.parent.name == "experiment":
-        stage = path.stem.removeprefix("svlm_")
-        composed = compose("train", [f"stage={stage}", "experiment=svlm"]).stage
+    if group == "stage" and path.parent.parent.name in CHOOSES:
+        stage = path.stem.rsplit("_", 1)[1]
+        composed = compose("train", [f"stage={stage}", CHOOSES[path.parent.parent.name]]).stage
     else:
         composed = compose("train", [f"{group}={path.stem}"])[group]
     assert OmegaConf.to_container(composed) == effective(path)
@@ -154,7 +156,8 @@ def test_each_option_composes_to_its_base_with_its_changes(path):
 
 def test_both_stages_compose_from_their_files():
     for experiment, files in (([], ("stage/stage1", "stage/stage2")),
-                              (["experiment=svlm"], ("experiment/stage/svlm_stage1", "experiment/stage/svlm_stage2"))):  # fmt: skip
+                              (["experiment=svlm"], ("experiment/stage/svlm_stage1", "experiment/stage/svlm_stage2")),
+                              (["data=scenes"], ("recipe/stage/tiny_scenes_stage1", "recipe/stage/tiny_scenes_stage2"))):  # fmt: skip
         stage = OmegaConf.to_container(compose("train", ["stage=both", *experiment, *NOT_COMPOSED]).stage)
         for key, file in zip(("stage1", "stage2"), files):
             assert stage[key] == effective(CONF / f"{file}.yaml"), (experiment, key)

@@ -165,9 +165,24 @@ SCENES_OVERRIDES = [
     "data=scenes", "data.n_train=48", "data.n_val=12", "data.n_test=6", "data.n_compositional=4",
     "data.image_size=36", "data.questions=4",
     "model.vision.image_size=36", "model.vision.patch_size=4", "model.projector.factor=3",  # 3 x 3 visual tokens
-    "model.projector.pos_embed=true", "model.object_head=true", "stage.stage1.object_loss=1.0",
     "stage.stage2.eval_every=2", "stage.stage2.skills=3",
 ]  # fmt: skip
+
+
+def test_the_scenes_recipe_comes_with_the_tiny_model_and_yields_to_the_command_line():
+    from conftest import compose
+
+    cfg = compose("train", ["data=scenes"])
+    assert (cfg.model.vision.image_size, cfg.model.vision.patch_size, cfg.model.projector.factor) == (72, 6, 4)
+    assert cfg.model.object_head and cfg.model.projector.pos_embed and cfg.tokenizer.vocab_size == 1024
+    assert (cfg.stage.stage1.object_loss, cfg.stage.stage1.max_steps, cfg.stage.stage2.max_steps) == (1.0, 250, 500)
+    assert compose("train", ["data=scenes", "stage=stage2"]).stage.max_steps == 500
+    assert compose("train", ["data=scenes", "stage=stage1"]).stage.object_loss == 1.0
+    mine = compose("train", ["data=scenes", "model.vision.patch_size=8", "stage.stage2.max_steps=7"])
+    assert (mine.model.vision.patch_size, mine.stage.stage2.max_steps) == (8, 7)
+    other = compose("train", ["data=scenes", "model=base"])  # a pretrained encoder keeps its own size
+    assert not other.model.get("object_head") and other.model.vision.patch_size == 14
+    assert not compose("train", []).model.object_head  # shapes: no recipe
 
 
 @pytest.fixture(scope="module")
