@@ -63,3 +63,12 @@ def test_bench_runs_and_writes_figures(tmp_path, cache_dir, shapes_root, capsys)
     profile = (tmp_path / "bench" / "profile.txt").read_text()
     assert "aten::" in profile and (tmp_path / "bench" / "trace.json").stat().st_size > 0
     assert main(["bench.size=huge", *path_overrides(tmp_path, cache_dir)]) == 2
+
+
+def test_bench_size_is_the_model_the_planner_estimates(tmp_path, cache_dir):
+    args = ["bench.size=tiny", "bench.steps=1", "bench.rounds=1", "bench.warmup=0", "bench.gen_tokens=2",
+            "bench.data=false", "bench.threads=[1]", *path_overrides(tmp_path, cache_dir),
+            f"paths.run_dir={tmp_path}/bench"]  # fmt: skip
+    assert main(args) == 0
+    figures = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert figures["model"] == "tiny" and figures["estimate_params_m"] == pytest.approx(figures["params_m"])

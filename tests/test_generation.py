@@ -206,3 +206,28 @@ def test_kv_cache_reserves_what_its_rows_need():
         assert cache.capacity == 7 and cache.keys[0].shape == (2, 4, 7, 8)
         lm(torch.tensor([[5], [6]]), cache=cache)  # past it: grown to a whole chunk
     assert cache.capacity == 16 and cache.lengths == [8, 8]
+
+
+def test_no_path_ever_picks_a_special_id(varied, tokenizer):
+    """A model whose mass sits on the image slot, padding and the role tokens
+    still answers in text, greedy, sampling, with and without the cache (and
+    the no-cache path no longer fails on a stray image slot)."""
+    model, prompts, views = varied
+    enc = ChatEncoder.for_model(tokenizer, model)
+    special = [enc.image_id, enc.pad_id, *tokenizer.convert_tokens_to_ids(["<|user|>", "<|assistant|>"])]
+    assert set(special) <= set(enc.banned_ids) and not set(enc.stop_ids) & set(enc.banned_ids)
+    boost = torch.zeros(model.cfg.lm.vocab_size)
+    boost[special] = 100.0  # far above any other logit of this model
+    hook = model.lm.lm_head.register_forward_hook(lambda m, i, out: out + boost)
+    try:
+        kw = dict(stop_ids=enc.stop_ids, max_new_tokens=6, banned_ids=enc.banned_ids)
+        rows = [Sampling(), Sampling(temperature=1.0, seed=1), Sampling(temperature=1.0, top_k=5, top_p=0.9, seed=2),
+                Sampling(), Sampling()]  # fmt: skip
+        outs = [*generate(model, prompts, all_views(views), sampling=rows, **kw),
+                *generate(model, prompts[:2], all_views(views[:2]), use_cache=False, **kw)]  # fmt: skip
+        assert all(len(o) == 6 and not set(o) & set(enc.banned_ids) for o in outs)
+        # without banned_ids, the model's own image slot is still never picked
+        (only_image,) = generate(model, prompts[:1], views[0], stop_ids=-1, max_new_tokens=4)
+        assert enc.image_id not in only_image and set(only_image) <= set(special)
+    finally:
+        hook.remove()

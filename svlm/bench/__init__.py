@@ -373,7 +373,11 @@ def run(cfg, bench: BenchConfig) -> dict:
                                     train_text_embed=True)  # fmt: skip
     set_trainable(model, stage)
     tokens = model.num_image_tokens + bench.text_tokens
-    kind, estimate = choose_optimizer(cfg, stage, seq_len=tokens, micro_batch=micro, vocab=model.cfg.lm.vocab_size)
+    measured = cfg  # the planner estimates the model measured: bench.size's, when one is named
+    if bench.size is not None:
+        parts = {"vision": model.cfg.vision, "projector": model.cfg.projector, "lm": model.cfg.lm}
+        measured = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **parts))
+    kind, estimate = choose_optimizer(measured, stage, seq_len=tokens, micro_batch=micro, vocab=model.cfg.lm.vocab_size)
     print(estimate.table())
     if hw.grad_checkpointing:
         model.lm.gradient_checkpointing = True
@@ -391,7 +395,8 @@ def run(cfg, bench: BenchConfig) -> dict:
         "optimizer": kind, "grad_checkpointing": hw.grad_checkpointing, "compile": hw.compile, "batch": batch_size,
         "micro_batch": micro, "tokens_per_sample": tokens, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "trained_params_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
-        "step_gflop": flops / 1e9, "estimate_gib": estimate.total / 2**30, "rounds": {},
+        "step_gflop": flops / 1e9, "estimate_gib": estimate.total / 2**30,
+        "estimate_params_m": estimate.params / 1e6, "rounds": {},
     }  # fmt: skip
     steps = Stepper(make_accelerator(hw), model, optimizer, [p for p in model.parameters() if p.requires_grad],
                     stage.grad_clip, skips_on_device(optimizer))  # fmt: skip

@@ -45,7 +45,7 @@ def answer(model: VLM, encoder: ChatEncoder, prompts: list[tuple[list[int], torc
     views = [pixels for _, pixels in prompts if pixels is not None]
     pixel_values = torch.cat(views).to(device) if views else None
     outs = generate(model, [ids for ids, _ in prompts], pixel_values, encoder.stop_ids, max_new_tokens,
-                    batch_size=batch_size)  # fmt: skip
+                    batch_size=batch_size, banned_ids=encoder.banned_ids)  # fmt: skip
     return [encoder.tok.decode(out, skip_special_tokens=True) for out in outs]
 
 

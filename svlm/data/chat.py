@@ -174,6 +174,11 @@ class ChatEncoder:
             self.end_id = tokenizer.convert_tokens_to_ids(END_TOKEN)
         # Generation stops at the end of a turn, and at the LM's own end-of-text ids (its generation_config).
         self.stop_ids = list(dict.fromkeys([self.end_id, *stop_ids]))
+        # What an answer may never contain: the image slot, padding, and every
+        # other special token that is not a stop (a new turn's start, BOS).
+        added = getattr(tokenizer, "added_tokens_decoder", {})
+        specials = {self.image_id, self.pad_id, *tokenizer.all_special_ids, *(i for i, t in added.items() if t.special)}
+        self.banned_ids = sorted(i for i in specials if i is not None and i >= 0 and i not in self.stop_ids)
         bos = getattr(tokenizer, "bos_token_id", None)
         self.prefix = [bos] if bos is not None and self.template is None else []  # a template writes its own
 

@@ -71,7 +71,7 @@ def generate_answers(model: VLM, tokenizer, encoder: ChatEncoder, ds, items: lis
         if blind and pixel_values is not None:
             pixel_values = torch.zeros_like(pixel_values)  # the encoder's mean colour, once normalised
         outs = generate(model, [it["ids"] for it, _ in fetched], pixel_values, encoder.stop_ids, max_new_tokens,
-                        batch_size=batch_size)  # fmt: skip
+                        batch_size=batch_size, banned_ids=encoder.banned_ids)  # fmt: skip
         for (it, _), out in zip(fetched, outs):
             it["answer"] = tokenizer.decode(out, skip_special_tokens=True)
 

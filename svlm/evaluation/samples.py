@@ -140,7 +140,7 @@ def answer_samples(
     was_training = model.training
     with torch.random.fork_rng(devices=[]), autocast():  # every prompt together: a ragged batch
         outs = generate(model, [p.prompt for p in prompts], torch.cat(views).to(device) if views else None,
-                        encoder.stop_ids, budgets)  # fmt: skip
+                        encoder.stop_ids, budgets, banned_ids=encoder.banned_ids)  # fmt: skip
     answers = dict(enumerate(outs))
     model.train(was_training)
     decode = encoder.tok.decode

@@ -50,6 +50,7 @@ def ask(cfg: InferConfig) -> str:
             cfg.top_k,
             cfg.top_p,
             on_token=streamer,
+            banned_ids=encoder.banned_ids,
             generator=generator,
         )
     answer = tokenizer.decode(ids, skip_special_tokens=True)

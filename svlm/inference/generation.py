@@ -2,6 +2,10 @@
 temperature, top-k and top-p. Stops at the end-of-turn token (and at any other
 stop id the model has: a pretrained LM's end-of-text).
 
+No path ever picks the image placeholder, or the `banned_ids` a caller
+gives (ChatEncoder.banned_ids: padding, role tokens and every other special
+token that is not a stop): their logits are set to -inf before any choice.
+
 Prompts of different lengths decode together (a ragged batch): each row keeps
 its own positions in the KV cache and sees only its own keys, so a row's
 tokens are the ones it would get alone. `Batch` is the loop underneath:
@@ -130,9 +134,18 @@ class Stream:
             self.on_token(self)
 
 
-def choose(logits: torch.Tensor, streams: Sequence[Stream]) -> list[int]:
+def banned_for(model: VLM, banned_ids: Sequence[int] = ()) -> torch.Tensor:
+    """The ids no answer may contain: the model's image slot and `banned_ids`, on the model's device."""
+    ids = sorted({model.cfg.image_token_id, *banned_ids} - {-1})
+    return torch.tensor([i for i in ids if 0 <= i < model.cfg.lm.vocab_size], device=next(model.parameters()).device)
+
+
+def choose(logits: torch.Tensor, streams: Sequence[Stream], banned: torch.Tensor | None = None) -> list[int]:
     """(B, V) logits -> each row's next id, each by its own sampling: one
-    argmax for the greedy rows, one draw per sampling row from its generator."""
+    argmax for the greedy rows, one draw per sampling row from its generator;
+    never a `banned` id."""
+    if banned is not None and banned.numel():
+        logits = logits.index_fill(-1, banned, float("-inf"))
     picked = logits.argmax(dim=-1)  # (B,)
     for b, s in enumerate(streams):
         if s.sampling.temperature > 0:
@@ -150,9 +163,10 @@ class Batch:
     values. The cache then holds inference tensors, which may not be written
     outside that mode: hence add, step and cancel each enter it."""
 
-    def __init__(self, model: VLM) -> None:
+    def __init__(self, model: VLM, banned_ids: Sequence[int] = ()) -> None:
         self.model, self.cache, self.streams = model, KVCache(), []
         self.device = next(model.parameters()).device
+        self.banned = banned_for(model, banned_ids)
         self.pad = 0 if model.cfg.image_token_id != 0 else 1
 
     def __len__(self) -> int:
@@ -176,7 +190,7 @@ class Batch:
         cache.reserve(max(len(s.prompt) + s.max_new_tokens for s in streams))  # all these rows will need
         last = torch.tensor(lengths, device=self.device) - 1  # each row's last prompt token
         logits = self.model(ids, pixels, cache=cache, valid=lengths, logits_at=last).logits  # (B, V)
-        for s, token in zip(streams, choose(logits, streams)):
+        for s, token in zip(streams, choose(logits, streams, self.banned)):
             s.take(token)
         self.cache.absorb(cache)
         self.streams += streams
@@ -187,7 +201,7 @@ class Batch:
         """One new token for every stream; returns (and removes) those that finished."""
         last = torch.tensor([[s.ids[-1]] for s in self.streams], device=self.device)  # (B, 1)
         logits = self.model.lm(last, cache=self.cache).logits[:, -1]  # (B, V): no image slots to fill
-        for s, token in zip(self.streams, choose(logits, self.streams)):
+        for s, token in zip(self.streams, choose(logits, self.streams, self.banned)):
             s.take(token)
         return self._retire()
 
@@ -236,6 +250,7 @@ def generate(
     generator: torch.Generator | None = None,
     batch_size: int | None = None,
     sampling: Sequence[Sampling] | None = None,
+    banned_ids: Sequence[int] = (),
 ) -> list[list[int]]:
     """Continue each prompt: `input_ids` (B, T), or B lists of any lengths;
     `pixel_values` every row's views in row order. Returns the new ids of each
@@ -244,7 +259,7 @@ def generate(
     `batch_size` rows decode together (None: all); as one finishes the next
     prompt takes its place. `sampling` gives each row its own (else all rows
     share temperature, top_k, top_p and `generator`). `on_token` sees row 0's
-    ids so far (streaming)."""
+    ids so far (streaming). No row ever picks the image slot or a `banned_ids` id."""
     model.eval()
     prompts = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else [list(p) for p in input_ids]
     stops = frozenset([stop_ids] if isinstance(stop_ids, int) else stop_ids)
@@ -261,12 +276,12 @@ def generate(
         streams[0].on_token = lambda s: on_token(s.ids)
     if not use_cache:
         for s in streams:
-            decode_without_cache(model, s)
+            decode_without_cache(model, s, banned_ids)
         return [s.ids for s in streams]
     # Shortest prompts first: a prefill pads its prompts to the longest, so
     # neighbours in length join together. Rows join once half the batch is
     # free (or nothing else runs): prefills stay batched.
-    batch, waiting = Batch(model), sorted(streams, key=lambda s: len(s.prompt))
+    batch, waiting = Batch(model, banned_ids), sorted(streams, key=lambda s: len(s.prompt))
     size = batch_size or len(streams)
     while waiting or len(batch):
         free = size - len(batch)
@@ -278,14 +293,14 @@ def generate(
     return [s.ids for s in streams]
 
 
-def decode_without_cache(model: VLM, s: Stream) -> None:
+def decode_without_cache(model: VLM, s: Stream, banned_ids: Sequence[int] = ()) -> None:
     """The reference path: every step runs the whole sequence again."""
     s.fit(model.cfg.lm.max_seq_len)
-    device = next(model.parameters()).device
+    device, banned = next(model.parameters()).device, banned_for(model, banned_ids)
     pixels = None if s.pixel_values is None else s.pixel_values.to(device)
     while s.finish is None:
         seq = torch.tensor([s.prompt + s.ids], device=device)
-        s.take(choose(model(seq, pixels).logits[:, -1], [s])[0])
+        s.take(choose(model(seq, pixels).logits[:, -1], [s], banned)[0])
 
 
 class TextStreamer:

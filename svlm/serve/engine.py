@@ -104,7 +104,7 @@ class Engine:
         self.stats: Counter[str] = Counter()  # finished jobs by finish reason, and "failed"
         self.last: Result | None = None  # the most recent finished generation
         self.steps = 0  # decode steps run
-        self.batch = Batch(model)
+        self.batch = Batch(model, self.encoder.banned_ids)
         self._jobs: dict[Stream, Job] = {}  # the job of each stream in the batch (or joining it)
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -236,7 +236,7 @@ class Engine:
             log.exception("generation failed")
             error = e if isinstance(e, APIError) else APIError(500, f"generation failed: {e}", "server_error")
             if step:
-                self.batch = Batch(self.model)
+                self.batch = Batch(self.model, self.encoder.banned_ids)
             for s in streams:
                 if s in self._jobs:
                     self._fail(self._jobs.pop(s), error)
