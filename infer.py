@@ -4,7 +4,7 @@ import sys
 
 from omegaconf import DictConfig
 
-import svlm  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+import svlm  # noqa: F401  (sets the OpenMP wait policy before torch loads)
 from svlm.cli import command
 
 

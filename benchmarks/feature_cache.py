@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import svlm  # noqa: E402,F401  (OMP_WAIT_POLICY before torch)
+import svlm  # noqa: E402,F401  (the OpenMP wait policy before torch)
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_SHAPES = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, patch_size=14, image_size=224)

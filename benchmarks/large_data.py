@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import svlm  # noqa: E402,F401  (OMP_WAIT_POLICY before torch)
+import svlm  # noqa: E402,F401  (the OpenMP wait policy before torch)
 
 
 def rss_mb() -> float:

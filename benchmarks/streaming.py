@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import svlm  # noqa: E402,F401  (OMP_WAIT_POLICY before torch)
+import svlm  # noqa: E402,F401  (the OpenMP wait policy before torch)
 
 ROWS_PER_SHARD, GROUP = 4000, 100
 SMALL_MODEL = ["model.lm.d_model=64", "model.lm.n_layers=2", "model.vision.hidden_size=32", "model.vision.num_layers=1",

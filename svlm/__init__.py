@@ -1,11 +1,10 @@
 """SVLM: a small vision-language model you train yourself."""
 
-import os
+from svlm.openmp import apply_wait_policy
 
-# OpenMP's default busy-waiting makes torch many times slower on a small CPU
-# shared with another process (measured 12x on 2 cores); wait passively.
-# This must be set before torch is first imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How torch's threads wait (svlm/openmp.py): read by libgomp when torch loads,
+# so set before anything imports torch.
+WAIT_POLICY = apply_wait_policy()
 
 __version__ = "0.1.0"
 

@@ -86,6 +86,21 @@ def test_many_shapes_add_count_and_exists(tmp_path):
     assert len({r["conversations"][1]["content"] for r in test if r["type"] == "count" and r["lang"] == "en"}) > 1
 
 
+def test_records_list_the_objects_drawn(tmp_path):
+    """Each shape's attributes, and a centre in the quadrant its caption names, for the object head."""
+    root = build_shapes(ShapesSpec(n_train=20, n_val=1, n_test=1, image_size=64, max_shapes=4), tmp_path)
+    quadrants = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
+    for rec in read_jsonl(root / "pretrain_train.jsonl"):
+        text = rec["conversations"][1]["content"]
+        if rec["lang"] != "en":
+            continue
+        assert 1 <= len(rec["objects"]) <= 4
+        for o in rec["objects"]:
+            (place,) = [p for p, (col, row) in quadrants.items() if int(o["x"] * 2) == col and int(o["y"] * 2) == row]
+            assert f"{o['size']} {o['colour']} {o['kind']} in the {place}" in text
+            assert 0.1 < o["r"] < 0.25
+
+
 def test_questions_cannot_be_guessed(tmp_path):
     """The best answer that ignores the picture (the most frequent training answer to
     each question) must score poorly on the test set."""

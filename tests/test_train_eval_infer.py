@@ -14,6 +14,7 @@ import torch
 import yaml
 from conftest import DATA_OVERRIDES, REPO, compose, path_overrides, tiny_train_overrides
 
+import svlm
 from svlm.config import ConfigError, load_eval_config, load_infer_config, load_train_config
 from svlm.data.chat import ChatEncoder
 from svlm.evaluation.evaluate import evaluate
@@ -93,7 +94,9 @@ def test_stage2_starts_from_newest_matching_stage1(make_train_cfg, tmp_path, cap
     (other,) = train(make_train_cfg("model.lm.n_layers=1", stage="stage1", steps=1, run_dir=out / "c"))
     capsys.readouterr()
     (result,) = train(make_train_cfg(stage="stage2", steps=1, run_dir=out / "d"))
-    assert f"[stage2] starting from {new}" in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert f"[stage2] starting from {new}" in log
+    assert f"[stage2] CPU: {torch.get_num_threads()} threads, waiting {svlm.WAIT_POLICY}" in log  # the policy named
     meta = json.loads((result / "svlm.json").read_text())
     assert meta["stage"] == "stage2"
     assert meta["model_key"] == json.loads((new / "svlm.json").read_text())["model_key"]

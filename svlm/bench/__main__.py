@@ -28,8 +28,8 @@ def print_table(r: dict) -> None:
               f"{b['achieved_gflops']:>9.1f} {b['peak_gflops']:>13.1f} {b['mfu']:>6.1%}")  # fmt: skip
     if "generation_tokens_per_s" in r:
         g = r["generation_tokens_per_s"]
-        print(f"  generation ({g['new_tokens']} new tokens): {g['with_cache']:.0f} tokens/s with the KV cache, "
-              f"{g['without_cache']:.0f} without ({g['speedup']:.1f}x)")  # fmt: skip
+        without = f", {g['without_cache']:.0f} without ({g['speedup']:.1f}x)" if "without_cache" in g else ""
+        print(f"  generation ({g['new_tokens']} new tokens): {g['with_cache']:.0f} tokens/s with the KV cache{without}")
     if "data_images_per_s" in r:
         print(f"  data pipeline: {r['data_images_per_s']:.0f} images/s")
     if "padding_share" in r:

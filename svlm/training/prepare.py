@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch.utils.data import DataLoader
 
+import svlm
 from svlm.benchmarks.task import Questions
 from svlm.benchmarks.tasks import TASKS
 from svlm.config import ConfigError, StageConfig, TrainConfig
@@ -417,6 +418,8 @@ def announce(run: StageRun, max_len: int) -> None:
     n_train = sum(x.numel() for x in run.model.parameters() if x.requires_grad)
     p(f"[{name}] {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained; {len(run.train_ds)} samples, "
       f"{run.total} steps of {run.stage.batch_size} ({run.micro} x {run.accum} accumulation x {run.world})")  # fmt: skip
+    if run.accelerator.device.type == "cpu":
+        p(f"[{name}] CPU: {torch.get_num_threads()} threads, waiting {svlm.WAIT_POLICY}")
     tiling = run.encoder.tiling
     if tiling is not None:
         p(f"[{name}] tiles: up to {tiling.rows} x {tiling.cols} of {tiling.size} px and a thumbnail; an image takes "

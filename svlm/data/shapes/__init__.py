@@ -14,6 +14,10 @@ the same loader that reads real data:
     <root>/sft_train.jsonl       sft_val.jsonl        (several questions a picture, multi-turn)
     <root>/sft_test.jsonl                             (one question a line, with its type and language)
 
+Every record also lists its picture's `objects` (colour, kind, size, and the
+centre x, y and radius r as fractions of the side), what the object head
+(model.object_head) learns from.
+
 With one shape a picture there are questions on colour, kind, size and
 position; with several, the questions name a quadrant or a shape, and count
 and existence questions join in.
@@ -32,7 +36,7 @@ from svlm.data.drawing import COLOURS, KINDS, SIZES, background, draw_shape, sha
 from svlm.data.generated import build_cached, conversation, settings_key
 from svlm.errors import ConfigError
 
-VERSION = 5  # bump when the drawing or the wording changes: the cache key includes it
+VERSION = 6  # bump when the drawing or the wording changes: the cache key includes it
 
 POSITIONS = {"top left": "左上", "top right": "右上", "bottom left": "左下", "bottom right": "右下"}
 NUMBERS_ZH = {1: "一", 2: "两", 3: "三", 4: "四"}
@@ -82,7 +86,8 @@ class ShapesSpec:
 # --------------------------------------------------------------------- drawing
 
 
-def draw(shapes: list[Shape], size: int, rng: random.Random) -> Image.Image:
+def draw(shapes: list[Shape], size: int, rng: random.Random, objects: list[dict] | None = None) -> Image.Image:
+    """The picture; each shape's attributes and place appended to `objects` when given."""
     image = Image.new("RGB", (size, size), background(rng))
     d = ImageDraw.Draw(image)
     half = size / 2
@@ -95,6 +100,9 @@ def draw(shapes: list[Shape], size: int, rng: random.Random) -> Image.Image:
         cx = col * half + rng.uniform(margin, half - margin) if half - margin > margin else col * half + half / 2
         cy = row * half + rng.uniform(margin, half - margin) if half - margin > margin else row * half + half / 2
         draw_shape(d, s.kind, cx, cy, r, shade(s.colour, rng))
+        if objects is not None:
+            objects.append({"colour": s.colour, "kind": s.kind, "size": s.size, "x": cx / size, "y": cy / size,
+                            "r": frac})  # fmt: skip
     return image
 
 
@@ -202,7 +210,8 @@ def _split_records(split: str, n: int, spec: ShapesSpec, root: Path, rng: random
     for i in range(n):
         shapes = sample_shapes(spec.max_shapes, rng)
         name = f"{split}-{i:06d}.png"
-        draw(shapes, spec.image_size, rng).save(root / "images" / name)
+        objects: list[dict] = []
+        draw(shapes, spec.image_size, rng, objects).save(root / "images" / name)
         lang = spec.languages[i % len(spec.languages)]
         cap = caption(shapes, lang)
         files["pretrain"].append(
@@ -210,6 +219,7 @@ def _split_records(split: str, n: int, spec: ShapesSpec, root: Path, rng: random
                 "id": f"{split}-{i}",
                 "image": name,
                 "lang": lang,
+                "objects": objects,
                 "conversations": conversation([(rng.choice(CAPTION_PROMPTS[lang]), cap)]),
             }
         )
@@ -222,6 +232,7 @@ def _split_records(split: str, n: int, spec: ShapesSpec, root: Path, rng: random
                         "image": name,
                         "lang": lang,
                         "type": qtype,
+                        "objects": objects,
                         "conversations": conversation([(q, a)]),
                     }
                 )
@@ -230,7 +241,7 @@ def _split_records(split: str, n: int, spec: ShapesSpec, root: Path, rng: random
             qa.append(("caption", rng.choice(CAPTION_PROMPTS[lang]), cap))
         rng.shuffle(qa)
         files["sft"].append({
-            "id": f"{split}-{i}", "image": name, "lang": lang, "types": [t for t, _, _ in qa],
+            "id": f"{split}-{i}", "image": name, "lang": lang, "types": [t for t, _, _ in qa], "objects": objects,
             "conversations": conversation([(q, a) for _, q, a in qa]),
         })  # fmt: skip
     return files
