@@ -1,6 +1,7 @@
 """The OpenMP wait policy: svlm's default unless the environment names one,
 in force before torch loads, and named in a training run's log."""
 
+import json
 import subprocess
 import sys
 
@@ -16,9 +17,8 @@ def test_default_only_when_the_environment_is_silent():
 
 
 def test_set_before_torch_loads():
-    code = (
-        "import os, sys; import svlm; print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT'), svlm.WAIT_POLICY)"
-    )
-    env = {"PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split()[:2] == ["False", DEFAULT["GOMP_SPINCOUNT"]]
+    code = "import json, os, sys; import svlm; print(json.dumps(['torch' in sys.modules, dict(os.environ)]))"
+    out = subprocess.run([sys.executable, "-c", code], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    torch_loaded, env = json.loads(out)
+    assert not torch_loaded and all(env.get(k) == v for k, v in DEFAULT.items())
