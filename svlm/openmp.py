@@ -8,8 +8,10 @@ or sleeps (frees its core for another process). libgomp's ACTIVE spins for
 ever: a decode step of small kernels runs fastest, but a second busy process
 on the same cores made training up to 12x slower. PASSIVE never spins: safe,
 and 20% of training and 2.5x of decoding lost on a quiet 2-core host.
-DEFAULT is what benchmarks/threads.py measures best on both a quiet and a
-busy host.
+benchmarks/threads.py measures them: quiet, a bounded spin (GOMP_SPINCOUNT)
+is fastest; with one of two cores taken, every spinning policy at 2 threads
+falls far below 1 thread, PASSIVE least. No one policy wins both, so DEFAULT
+stays PASSIVE until the thread count follows the host's load.
 
 The environment overrides it: set OMP_WAIT_POLICY (ACTIVE or PASSIVE) or
 GOMP_SPINCOUNT yourself and SVLM leaves both as they are.
@@ -27,12 +29,9 @@ KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 def apply_wait_policy(environ: MutableMapping[str, str] = os.environ) -> str:
     """Set DEFAULT unless the environment names a policy of its own; returns
     the policy in force, for the run's log line."""
+    source = "from the environment"
     if not any(k in environ for k in KEYS):
         environ.update(DEFAULT)
-        return describe(environ) + " (svlm's default)"
-    return describe(environ) + " (from the environment)"
-
-
-def describe(environ: MutableMapping[str, str] = os.environ) -> str:
-    """The wait policy as the environment states it, e.g. "GOMP_SPINCOUNT=10000"."""
-    return " ".join(f"{k}={environ[k]}" for k in KEYS if k in environ) or "libgomp's default"
+        source = "svlm's default"
+    stated = " ".join(f"{k}={environ[k]}" for k in KEYS if k in environ)
+    return f"{stated} ({source})"

@@ -86,8 +86,9 @@ class ShapesSpec:
 # --------------------------------------------------------------------- drawing
 
 
-def draw(shapes: list[Shape], size: int, rng: random.Random, objects: list[dict] | None = None) -> Image.Image:
-    """The picture; each shape's attributes and place appended to `objects` when given."""
+def draw(shapes: list[Shape], size: int, rng: random.Random) -> tuple[Image.Image, list[dict]]:
+    """The picture, and each shape's attributes and place (the records' `objects`)."""
+    objects = []
     image = Image.new("RGB", (size, size), background(rng))
     d = ImageDraw.Draw(image)
     half = size / 2
@@ -100,10 +101,9 @@ def draw(shapes: list[Shape], size: int, rng: random.Random, objects: list[dict]
         cx = col * half + rng.uniform(margin, half - margin) if half - margin > margin else col * half + half / 2
         cy = row * half + rng.uniform(margin, half - margin) if half - margin > margin else row * half + half / 2
         draw_shape(d, s.kind, cx, cy, r, shade(s.colour, rng))
-        if objects is not None:
-            objects.append({"colour": s.colour, "kind": s.kind, "size": s.size, "x": cx / size, "y": cy / size,
-                            "r": frac})  # fmt: skip
-    return image
+        objects.append({"colour": s.colour, "kind": s.kind, "size": s.size, "x": round(cx / size, 4),
+                        "y": round(cy / size, 4), "r": round(frac, 4)})  # fmt: skip
+    return image, objects
 
 
 def sample_shapes(max_shapes: int, rng: random.Random) -> list[Shape]:
@@ -210,8 +210,8 @@ def _split_records(split: str, n: int, spec: ShapesSpec, root: Path, rng: random
     for i in range(n):
         shapes = sample_shapes(spec.max_shapes, rng)
         name = f"{split}-{i:06d}.png"
-        objects: list[dict] = []
-        draw(shapes, spec.image_size, rng, objects).save(root / "images" / name)
+        image, objects = draw(shapes, spec.image_size, rng)
+        image.save(root / "images" / name)
         lang = spec.languages[i % len(spec.languages)]
         cap = caption(shapes, lang)
         files["pretrain"].append(

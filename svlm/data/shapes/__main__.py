@@ -38,7 +38,8 @@ def main(cfg: DictConfig) -> None:
     settings = build(PictureConfig, to_plain(cfg))
     rng = random.Random(settings.seed)
     shapes = sample_shapes(settings.max_shapes, rng)
-    draw(shapes, settings.size, rng).save(settings.out)
+    image, _ = draw(shapes, settings.size, rng)
+    image.save(settings.out)
     print(f"{settings.out}: {caption(shapes, 'en')} / {caption(shapes, 'zh')}")
 
 
