@@ -261,7 +261,7 @@ class HardwareConfig:
     micro_batch_size: int | None = 16  # samples a forward pass; None: the stage's batch size
     grad_checkpointing: bool = False
     num_workers: int = 0
-    threads: int | None = None  # torch CPU threads; None: torch's default
+    threads: int | None = None  # torch CPU threads; None: the cores other processes leave free (svlm/hardware.py)
     # The engine when launched with several processes (accelerate launch / torchrun):
     distributed: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     zero_stage: int = 2  # deepspeed: 2 shards optimizer states and gradients, 3 also parameters

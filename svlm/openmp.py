@@ -8,10 +8,11 @@ or sleeps (frees its core for another process). libgomp's ACTIVE spins for
 ever: a decode step of small kernels runs fastest, but a second busy process
 on the same cores made training up to 12x slower. PASSIVE never spins: safe,
 and 20% of training and 2.5x of decoding lost on a quiet 2-core host.
-benchmarks/threads.py measures them: quiet, a bounded spin (GOMP_SPINCOUNT)
-is fastest; with one of two cores taken, every spinning policy at 2 threads
-falls far below 1 thread, PASSIVE least. No one policy wins both, so DEFAULT
-stays PASSIVE until the thread count follows the host's load.
+benchmarks/threads.py measures them: quiet, a bounded spin (GOMP_SPINCOUNT
+100,000) is fastest; with one of two cores taken, every spinning policy at
+2 threads falls far below 1 thread, PASSIVE least. A single thread never
+waits, so the spin is safe once the thread count leaves the taken cores to
+their owner: svlm/hardware.py's governor does that, and DEFAULT spins.
 
 The environment overrides it: set OMP_WAIT_POLICY (ACTIVE or PASSIVE) or
 GOMP_SPINCOUNT yourself and SVLM leaves both as they are.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping
 
-DEFAULT = {"OMP_WAIT_POLICY": "PASSIVE"}
+DEFAULT = {"GOMP_SPINCOUNT": "100000"}
 KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 

@@ -7,6 +7,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+# A fixed thread count (svlm/hardware.py's governor otherwise follows the
+# host's load): runs repeat bit for bit whatever else the machine does.
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 from pathlib import Path  # noqa: E402
 

@@ -96,7 +96,9 @@ def test_stage2_starts_from_newest_matching_stage1(make_train_cfg, tmp_path, cap
     (result,) = train(make_train_cfg(stage="stage2", steps=1, run_dir=out / "d"))
     log = capsys.readouterr().out
     assert f"[stage2] starting from {new}" in log
-    assert f"[stage2] CPU: {torch.get_num_threads()} threads, waiting {svlm.WAIT_POLICY}" in log  # the policy named
+    assert (
+        f"[stage2] CPU: {torch.get_num_threads()} threads (OMP_NUM_THREADS), waiting {svlm.WAIT_POLICY}" in log
+    )  # the policy named
     meta = json.loads((result / "svlm.json").read_text())
     assert meta["stage"] == "stage2"
     assert meta["model_key"] == json.loads((new / "svlm.json").read_text())["model_key"]

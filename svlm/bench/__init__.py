@@ -47,7 +47,7 @@ import torch
 
 from svlm.config import ConfigError
 from svlm.flops import step_flops
-from svlm.hardware import make_accelerator
+from svlm.hardware import THREADS, make_accelerator
 from svlm.models.packed_attention import end_to_end
 from svlm.models.vlm import IGNORE_INDEX, VLM, VLMConfig, target_positions
 from svlm.training.step import skips_on_device, train_step
@@ -157,6 +157,7 @@ def time_steps(steps: Stepper, micro_batches: list[dict], n: int, device) -> lis
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        THREADS.follow()  # as the training loop does (svlm/hardware.py)
     return times
 
 
@@ -406,7 +407,7 @@ def run(cfg, bench: BenchConfig) -> dict:
     default_threads = torch.get_num_threads()
     peak_memory = 0
     for threads in bench.threads:
-        torch.set_num_threads(threads or default_threads)
+        THREADS.start(threads or hw.threads)  # a count of its own, hardware.threads, or the governor's
         best = None
         time_steps(steps, micro_batches, bench.warmup, device)
         for _ in range(bench.rounds):
@@ -420,7 +421,7 @@ def run(cfg, bench: BenchConfig) -> dict:
             if best is None or flops / step / peak > best["mfu"]:
                 best = {"step_s": step, "peak_gflops": peak / 1e9, "achieved_gflops": flops / step / 1e9,
                         "mfu": flops / step / peak, "samples_per_s": batch_size / step,
-                        "tokens_per_s": batch_size * tokens / step}  # fmt: skip
+                        "tokens_per_s": batch_size * tokens / step, "threads": torch.get_num_threads()}  # fmt: skip
         results["rounds"][str(threads or default_threads)] = best
     torch.set_num_threads(default_threads)
     if bench.profile:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from svlm.hardware import THREADS
 from svlm.models.kv_cache import KVCache
 from svlm.models.vlm import VLM
 
@@ -199,6 +200,7 @@ class Batch:
     @torch.inference_mode()
     def step(self) -> list[Stream]:
         """One new token for every stream; returns (and removes) those that finished."""
+        THREADS.follow()  # the thread count follows the host's free cores (svlm/hardware.py)
         last = torch.tensor([[s.ids[-1]] for s in self.streams], device=self.device)  # (B, 1)
         logits = self.model.lm(last, cache=self.cache).logits[:, -1]  # (B, V): no image slots to fill
         for s, token in zip(self.streams, choose(logits, self.streams, self.banned)):

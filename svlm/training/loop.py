@@ -37,7 +37,7 @@ from svlm.data.source import data_root
 from svlm.evaluation.evaluate import validate
 from svlm.evaluation.samples import sample_grid
 from svlm.evaluation.skills import draw_skills, score_skills
-from svlm.hardware import make_accelerator
+from svlm.hardware import THREADS, make_accelerator
 from svlm.model_folder import is_model_folder, model_key, resolve_model
 from svlm.report import draw_curves
 from svlm.training.checkpoint import (
@@ -117,6 +117,8 @@ def fit(run: StageRun, stop: StopRequested) -> None:
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         bar.update(1)
+        if THREADS.follow() is not None:
+            bar.write(f"[{stage.name}] CPU: now {THREADS.describe()}")
         eval_now = run.val_loader is not None and (
             (stage.eval_every and done % stage.eval_every == 0) or done == run.total
         )

@@ -39,6 +39,7 @@ from svlm.data.source import load_splits, split_file, train_files
 from svlm.data.streaming import DeviceLoader, StreamingChatDataset
 from svlm.evaluation.evaluate import shard
 from svlm.evaluation.skills import QuestionSet, skill_questions
+from svlm.hardware import THREADS
 from svlm.memory import CONTEXT_GIB, choose_optimizer
 from svlm.model_folder import load_model, model_key
 from svlm.models.lora import ADAPTERS, is_adapter, load_adapters
@@ -419,7 +420,7 @@ def announce(run: StageRun, max_len: int) -> None:
     p(f"[{name}] {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained; {len(run.train_ds)} samples, "
       f"{run.total} steps of {run.stage.batch_size} ({run.micro} x {run.accum} accumulation x {run.world})")  # fmt: skip
     if run.accelerator.device.type == "cpu":
-        p(f"[{name}] CPU: {torch.get_num_threads()} threads, waiting {svlm.WAIT_POLICY}")
+        p(f"[{name}] CPU: {THREADS.describe()}, waiting {svlm.WAIT_POLICY}")
     tiling = run.encoder.tiling
     if tiling is not None:
         p(f"[{name}] tiles: up to {tiling.rows} x {tiling.cols} of {tiling.size} px and a thumbnail; an image takes "
