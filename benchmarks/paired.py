@@ -67,6 +67,16 @@ class Worker:
         self.proc.wait()
 
 
+def once(script: str, spec: dict, env: dict | None = None, cwd: Path = REPO, what: str = "a measurement") -> dict:
+    """A fresh `python -c script <spec as JSON>`: the JSON of its last MARK line."""
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(spec)], env=env, cwd=cwd, capture_output=True,
+                          text=True)  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len(MARK) :])
+
+
 def rounds(workers: dict[str, Worker], n: int, show) -> list[dict[str, dict]]:
     """n rounds of one measurement a worker, the order alternating; `show`
     prints a round as it ends."""

@@ -56,14 +56,13 @@ import contextlib
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from paired import once
+
 MIRROR = Path("/work/.mirror/huggingface+nanoVLM/repo")
-MARK = "@result "
 CODES = ("ours", "peer")
 
 # The host state, and (when asked) the shapes of SVLM's bench models, which nanoVLM's config copies.
@@ -202,15 +201,6 @@ print("@result " + json.dumps(out), flush=True)
 """
 
 
-def child(script: str, spec: dict, cwd: Path = REPO) -> dict:
-    """One fresh process running `script` with `spec`, the environment as this one has it: its JSON line."""
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(spec)], cwd=cwd, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"a measurement failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len(MARK) :])
-
-
 @contextlib.contextmanager
 def peer_folder(given: str | None, git_dir: Path) -> Iterator[tuple[Path, str]]:
     """nanoVLM's code and its commit: `given` as it is, else models/ and data/
@@ -240,8 +230,8 @@ def peer_folder(given: str | None, git_dir: Path) -> Iterator[tuple[Path, str]]:
 def measure(code: str, spec: dict, peer: Path) -> dict:
     """One measurement of `code` (ours | peer) at spec's size and thread count."""
     if code == "ours":
-        return child(OURS, spec)
-    return child(PEER, {**spec, "peer": str(peer)}, cwd=peer)
+        return once(OURS, spec)
+    return once(PEER, {**spec, "peer": str(peer)}, cwd=peer)
 
 
 def one_round(r: int, cells: list[tuple[str, int]], shapes: dict, args, peer: Path) -> dict:
@@ -316,7 +306,7 @@ def main() -> None:
     shapes: dict = {}
     with peer_folder(args.peer, args.peer_git) as (peer, commit):
         for r in range(args.rounds):
-            host = child(HOST, {"sizes": sizes if r == 0 else []})
+            host = once(HOST, {"sizes": sizes if r == 0 else []})
             shapes = shapes or {s: host[s] for s in sizes}
             state = host["peak_2"] / host["peak_1"]
             print(f"round {r + 1}: host 2-thread / 1-thread matmul peak {state:.2f}x", flush=True)

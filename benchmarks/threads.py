@@ -39,6 +39,8 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+from paired import once
+
 # Each candidate as libgomp reads it, and its thread count. libgomp's own
 # default (OMP_WAIT_POLICY unset) spins 300,000 times before it sleeps; ACTIVE
 # spins for ever; PASSIVE never spins. GOMP_SPINCOUNT bounds the spin under
@@ -52,8 +54,7 @@ POLICIES = {
     "gomp": {"GOMP_SPINCOUNT": "300000"},  # libgomp's default, stated (svlm would otherwise pick its own)
     "active": {"OMP_WAIT_POLICY": "ACTIVE"},
 }
-THREADS = {"svlm": "auto", "1 thread": 1}  # every other row: 2
-MARK = "@result "
+ROW_THREADS = {"svlm": "auto", "1 thread": 1}  # every other row: 2
 
 CHILD = r"""
 import contextlib, json, os, subprocess, sys, time
@@ -126,12 +127,8 @@ def measure(policy: str, spec: dict, late: bool = False) -> dict:
     """One fresh process under `policy`'s environment: its JSON line."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
     env.update(POLICIES[policy])
-    spec = {**spec, "threads": THREADS.get(policy, 2), "busy": BUSY, "late": late}
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], env=env, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"the {policy} measurement failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len(MARK) :])
+    spec = {**spec, "threads": ROW_THREADS.get(policy, 2), "busy": BUSY, "late": late}
+    return once(CHILD, spec, env=env, what=f"the {policy} measurement")
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:

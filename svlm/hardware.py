@@ -169,12 +169,11 @@ class ThreadGovernor:
         """Settle the count at the start of a run: `threads` (hardware.threads), else
         OMP_NUM_THREADS's, else the free cores, measured over `wait_s` and then
         followed (measured once a process: a later start goes on following)."""
-        if threads:
-            torch.set_num_threads(threads)
-            self.following, self.how, self.free = False, "hardware.threads", None
-            return
-        if "OMP_NUM_THREADS" in os.environ:
-            self.following, self.how, self.free = False, "OMP_NUM_THREADS", None
+        fixed_by = "hardware.threads" if threads else "OMP_NUM_THREADS" if "OMP_NUM_THREADS" in os.environ else None
+        if fixed_by:
+            if threads:
+                torch.set_num_threads(threads)
+            self.following, self.how, self.free = False, fixed_by, None
             return
         if self.following:
             return
@@ -197,8 +196,11 @@ class ThreadGovernor:
         self.free = self.free_cores(self.last, now)
         self.last = now
         want = self.threads_for(self.free)
-        if want == torch.get_num_threads() or self.pending != want:
-            self.pending = None if want == torch.get_num_threads() else want
+        if want == torch.get_num_threads():
+            self.pending = None
+            return None
+        if self.pending != want:  # seen once: wait for the next check
+            self.pending = want
             return None
         torch.set_num_threads(want)
         self.pending = None
